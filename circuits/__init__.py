@@ -1,0 +1,1 @@
+"""interp.circuits: tasks and circuit discovery built on the hook layer (installed as interp.circuits)."""

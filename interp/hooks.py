@@ -1,0 +1,350 @@
+"""HookedModel: TransformerLens-style hook points on an unmodified Hugging Face model.
+
+    model = interp.load("smollm2-135m")
+    logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: "resid" in n)
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.5.attn.hook_z", fn)])
+
+Hook names and shapes follow TransformerLens (see DESIGN.md). Residual and sublayer hooks are
+torch module hooks on the real modules; per-head q/k/v are views of the projections' outputs;
+rot_q/rot_k, attn_scores, pattern and z live in the attention function registered with
+transformers (`interp.attention`); result is computed from z and the output projection's
+weights. With nothing attached, the forward is the HF forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from functools import partial
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import attention, sites
+from .hook_points import HookFn, HookPoint, unknown_hook_error
+from .models.adapters import Adapter, ModelConfig, build_adapter, merge_fused_qkv, split_fused_qkv
+
+Input = Union[str, Sequence[str], Tensor]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
+
+ROPE_FAMILIES_WITHOUT = {"gpt2"}  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
+
+
+class HookedModel(nn.Module):
+    """A causal LM from transformers with named, live hook points.
+
+    Attributes: `hf_model` (the untouched PreTrainedModel), `tokenizer`, `cfg` (`ModelConfig`),
+    `adapter` (where the parts are), `hook_dict` (name -> HookPoint).
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None, name: Optional[str] = None):
+        super().__init__()
+        self.hf_model = hf_model.eval()
+        self.hf_model.requires_grad_(False)  # analysis, not training: gradients flow to activations only
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.adapter: Adapter = build_adapter(hf_model)
+        self.cfg: ModelConfig = self.adapter.cfg
+        self.hook_dict: dict[str, HookPoint] = {}
+        self._sites: list = []
+        self._fingerprint: Optional[str] = None
+        self._wire()
+        self._switch_attention()
+
+    # ------------------------------------------------------------------ wiring
+    def _point(self, name: str) -> HookPoint:
+        self.hook_dict[name] = HookPoint(name)
+        return self.hook_dict[name]
+
+    def _site(self, module: nn.Module, kind: str, state: Optional[dict] = None) -> sites.Site:
+        site = sites.Site(module, kind, state=state if state is not None else {})
+        self._sites.append(site)
+        return site
+
+    def _wire(self) -> None:
+        a, c = self.adapter, self.cfg
+        self._site(a.embed, "post").add([p := self._point("hook_embed")], sites.whole(p))
+        if a.pos_embed is not None:
+            self._site(a.pos_embed, "post").add([p := self._point("hook_pos_embed")], sites.whole(p))
+        base = "sdpa" if self._base_attention() == "sdpa" else "eager"
+        for l, parts in enumerate(a.layers):
+            pre = f"blocks.{l}."
+            state: dict = {}
+            resid_pre = self._point(pre + "hook_resid_pre")
+            attn_out = self._point(pre + "hook_attn_out")
+            mlp_out = self._point(pre + "hook_mlp_out")
+            resid_post = self._point(pre + "hook_resid_post")
+
+            points_for_pre = [resid_pre]
+            attn_out_site = self._site(parts.attn_out, "post", state)
+            attn_out_site.add([attn_out], sites.whole(attn_out))
+            if not c.parallel_attn_mlp:  # parallel blocks have no resid_mid (as in TransformerLens)
+                mid = self._point(pre + "hook_resid_mid")
+                points_for_pre.append(mid)
+                attn_out_site.add([mid], sites.resid_mid(mid))
+            self._site(parts.block, "pre", state).add(points_for_pre, sites.remember("resid_pre", resid_pre))
+            self._site(parts.mlp_out, "post").add([mlp_out], sites.whole(mlp_out))
+            self._site(parts.block, "post").add([resid_post], sites.whole(resid_post))
+            for ln_name, module in (("ln1", parts.ln1), ("ln2", parts.ln2)):
+                self._site(module, "post").add([p := self._point(f"{pre}{ln_name}.hook_normalized")], sites.whole(p))
+            self._site(parts.mlp_down, "pre").add([p := self._point(pre + "mlp.hook_post")], sites.whole(p))
+
+            q, k, v = (self._point(f"{pre}attn.hook_{x}") for x in "qkv")
+            if parts.qkv.layout == "separate":
+                for point, module, n in ((q, parts.qkv.q, c.n_heads), (k, parts.qkv.k, c.n_kv_heads), (v, parts.qkv.v, c.n_kv_heads)):
+                    self._site(module, "post").add([point], sites.heads(point, n, c.d_head))
+            else:
+                split = partial(split_fused_qkv, layout=parts.qkv.layout, n_heads=c.n_heads, d_head=c.d_head)
+                merge = partial(merge_fused_qkv, layout=parts.qkv.layout)
+                self._site(parts.qkv.q, "post").add([q, k, v], sites.fused_heads([q, k, v], split, merge))
+
+            rotated = c.family not in ROPE_FAMILIES_WITHOUT
+            hooks = attention.AttentionHooks(
+                rot_q=self._point(pre + "attn.hook_rot_q") if rotated else HookPoint(pre + "attn.hook_rot_q"),
+                rot_k=self._point(pre + "attn.hook_rot_k") if rotated else HookPoint(pre + "attn.hook_rot_k"),
+                attn_scores=self._point(pre + "attn.hook_attn_scores"),
+                pattern=self._point(pre + "attn.hook_pattern"),
+                z=self._point(pre + "attn.hook_z"),
+                base=base,
+            )
+            attention.register_attention(parts.attn, hooks)
+            result = self._point(pre + "attn.hook_result")
+            compute = sites.head_results(result, partial(a.W_O, l), partial(a.b_O, l), c.n_heads)
+            self._sites.append(sites.ResultSite(parts.o_proj, result, compute))
+        self._site(a.final_norm, "post").add([p := self._point("ln_final.hook_normalized")], sites.whole(p))
+
+    def _base_attention(self) -> str:
+        impl = getattr(self.hf_model.config, "_attn_implementation", None) or "sdpa"
+        return impl.removeprefix("interp_")
+
+    def _switch_attention(self) -> None:
+        base = self._base_attention()
+        if base not in attention.BASES:
+            raise ValueError(
+                f"the model runs attention implementation {base!r}; the hook layer wraps 'sdpa' or 'eager'. "
+                "Load it with attn_implementation='sdpa' (default) or 'eager'."
+            )
+        attention.ensure_registered()
+        self.hf_model.set_attn_implementation(attention.implementation_name(base))
+
+    # ------------------------------------------------------------------ hook management
+    def hook_names(self) -> list[str]:
+        return list(self.hook_dict)
+
+    def resolve_names(self, names_filter: NamesFilter) -> list[str]:
+        """Hook names selected by None (all), a name, a list of names or a predicate."""
+        if names_filter is None:
+            return self.hook_names()
+        if callable(names_filter):
+            return [n for n in self.hook_dict if names_filter(n)]
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        for n in names:
+            if n not in self.hook_dict:
+                raise unknown_hook_error(n, self.hook_names())
+        return names
+
+    def add_hook(self, name: Union[str, Callable[[str], bool]], fn: HookFn, dir: str = "fwd", edits: bool = True) -> None:
+        """Attach `fn(tensor, hook)` to one hook point (or to every name a predicate selects)."""
+        for n in self.resolve_names(name):
+            self.hook_dict[n].add(fn, dir, edits)
+        self._sync()
+
+    def remove_hook(self, name: Union[str, Callable[[str], bool]], fn: HookFn, dir: str = "fwd") -> None:
+        for n in self.resolve_names(name):
+            self.hook_dict[n].remove(fn, dir)
+        self._sync()
+
+    def reset_hooks(self) -> None:
+        for p in self.hook_dict.values():
+            p.clear()
+        self._sync()
+
+    def _sync(self) -> None:
+        for s in self._sites:
+            s.sync()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator["HookedModel"]:
+        """Attach hooks for the duration of a `with` block; they are removed on exit, errors included."""
+        added = []
+        try:
+            for direction, spec in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in spec:
+                    self.add_hook(name, fn, direction)
+                    added.append((name, fn, direction))
+            yield self
+        finally:
+            for name, fn, direction in added:
+                self.remove_hook(name, fn, direction)
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or load it with a tokenizer")
+        return self.tokenizer
+
+    def to_tokens(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None) -> Tensor:
+        """Token ids [batch, pos]. BOS follows the tokenizer's own convention unless `prepend_bos` says.
+
+        Lists of prompts are right-padded; use `to_tokens_and_mask` to get the mask too.
+        """
+        return self.to_tokens_and_mask(input, prepend_bos)[0]
+
+    def to_tokens_and_mask(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+        tok = self._require_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        rows = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+        bos = tok.bos_token_id
+        if prepend_bos is True and bos is not None:
+            rows = [r if r[:1] == [bos] else [bos] + r for r in rows]
+        elif prepend_bos is False and bos is not None:
+            rows = [r[1:] if r[:1] == [bos] else r for r in rows]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return tokens.to(self.device), mask.to(self.device)
+
+    def to_str_tokens(self, input: Union[str, Tensor], prepend_bos: Optional[bool] = None) -> list[str]:
+        """One string per token of a single prompt."""
+        ids = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else input.reshape(-1)
+        tok = self._require_tokenizer()
+        return [tok.decode([int(t)]) for t in ids]
+
+    def to_string(self, tokens: Tensor) -> Union[str, list[str]]:
+        tok = self._require_tokenizer()
+        if tokens.ndim == 1:
+            return tok.decode(tokens.tolist())
+        return [tok.decode(r.tolist()) for r in tokens]
+
+    def _prepare(self, input: Input, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        if isinstance(input, Tensor):
+            tokens = input if input.ndim == 2 else input.unsqueeze(0)
+            return tokens.to(self.device), attention_mask
+        tokens, mask = self.to_tokens_and_mask(input)
+        if attention_mask is None and not bool(mask.all()):
+            attention_mask = mask
+        return tokens, attention_mask
+
+    # ------------------------------------------------------------------ running
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def forward(self, input: Input, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """Logits [batch, pos, d_vocab] of the HF model, with whatever hooks are attached."""
+        tokens, attention_mask = self._prepare(input, attention_mask)
+        kwargs.setdefault("use_cache", False)
+        return self.hf_model(input_ids=tokens, attention_mask=attention_mask, **kwargs).logits
+
+    def run_with_hooks(
+        self,
+        input: Input,
+        fwd_hooks: HookSpec = (),
+        bwd_hooks: HookSpec = (),
+        attention_mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
+        """Forward with temporary hooks. Backward hooks fire when the caller calls `.backward()`
+        inside the returned graph, so they stay attached only for the forward; use `hooks()` to
+        keep them attached across the backward pass."""
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self.forward(input, attention_mask, **kwargs)
+
+    def run_with_cache(
+        self,
+        input: Input,
+        names_filter: NamesFilter = None,
+        device: Union[None, str, torch.device] = None,
+        remove_batch_dim: bool = False,
+        attention_mask: Optional[Tensor] = None,
+        **kwargs,
+    ):
+        """Forward that records activations. Returns (logits, ActivationCache).
+
+        Only the selected hook points are recorded, so `names_filter` is also how memory is
+        kept down; patterns make attention run on the eager path for those layers only.
+        """
+        from .cache import ActivationCache
+
+        names = self.resolve_names(names_filter)
+        store: dict[str, Tensor] = {}
+
+        def save(x: Tensor, hook: HookPoint) -> None:
+            t = x.detach()
+            if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger tensor (fused qkv): don't keep the rest alive
+            store[hook.name] = t.to(device) if device is not None else t
+
+        for n in names:
+            self.hook_dict[n].add(save, "fwd", edits=False)
+        self._sync()
+        try:
+            logits = self.forward(input, attention_mask, **kwargs)
+        finally:
+            for n in names:
+                self.hook_dict[n].remove(save)
+            self._sync()
+        cache = ActivationCache({n: store[n] for n in names if n in store}, model=self)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        return logits, cache
+
+    @torch.no_grad()
+    def generate(self, input: Input, max_new_tokens: int = 16, **kwargs) -> Tensor:
+        """Greedy decoding (HF's `generate`, KV cache on) with the attached hooks active."""
+        tokens, mask = self._prepare(input, None)
+        kwargs.setdefault("do_sample", False)
+        if mask is None:
+            mask = torch.ones_like(tokens)
+        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        return self.hf_model.generate(
+            input_ids=tokens, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
+        )
+
+    # ------------------------------------------------------------------ model pieces used by experiments
+    def apply_final_norm(self, resid: Tensor) -> Tensor:
+        """The model's own final norm, recomputed on any [..., d_model] tensor."""
+        return self.adapter.final_norm(resid)
+
+    def unembed(self, normed: Tensor) -> Tensor:
+        """Logits from a final-normed residual, including any final logit soft-capping."""
+        logits = self.adapter.unembed(normed)
+        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def W_O(self, layer: int) -> Tensor:
+        """[n_heads, d_head, d_model]"""
+        return self.adapter.W_O(layer)
+
+    def b_O(self, layer: int) -> Optional[Tensor]:
+        return self.adapter.b_O(layer)
+
+    def fingerprint(self) -> str:
+        """sha256 over parameter names, shapes, dtypes and values; computed once per model object."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.hf_model.state_dict().items()):
+                h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedModel({self.name!r}, family={c.family}, layers={c.n_layers}, heads={c.n_heads}, "
+            f"kv_heads={c.n_kv_heads}, d_model={c.d_model}, hooks={len(self.hook_dict)})"
+        )

@@ -1,0 +1,231 @@
+"""Per-family adapters: where each Hugging Face architecture keeps its parts.
+
+This is the only module that knows HF module paths. Everything else asks the adapter for
+"the module whose output is added to the residual after attention", "the q projection",
+and so on. Grouped-query attention: q, z, pattern and result are per query head
+(`n_heads`); k and v are per key/value head (`n_kv_heads`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape facts of a wrapped model, in TransformerLens's vocabulary."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    parallel_attn_mlp: bool = False
+    has_pos_embed: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple[str, ...]] = None  # "full_attention" / "sliding_attention" per layer
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class QKV:
+    """How a layer computes q, k and v.
+
+    separate: three Linear modules (Llama family).
+    fused_gpt2: one Conv1D giving [q | k | v] along the feature axis.
+    fused_neox: one Linear giving [head, (q | k | v), d_head].
+    """
+
+    layout: str
+    q: nn.Module
+    k: Optional[nn.Module] = None
+    v: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    block: nn.Module
+    attn: nn.Module  # the module that calls the attention function
+    qkv: QKV
+    o_proj: nn.Module  # input: z flattened over heads; output: the heads' summed contribution
+    attn_out: nn.Module  # its output is what the block adds to the residual after attention
+    mlp_out: nn.Module  # its output is what the block adds to the residual after the MLP
+    mlp_down: nn.Module  # its input is the MLP's hidden activation (hook_post)
+    ln1: nn.Module
+    ln2: nn.Module
+
+
+@dataclass(frozen=True)
+class Adapter:
+    cfg: ModelConfig
+    embed: nn.Module
+    pos_embed: Optional[nn.Module]
+    layers: tuple[LayerParts, ...]
+    final_norm: nn.Module
+    unembed: nn.Module
+
+    def W_O(self, layer: int) -> Float_HDM:
+        """Output weights split per query head: [n_heads, d_head, d_model]."""
+        o = self.layers[layer].o_proj
+        w = o.weight if type(o).__name__ == "Conv1D" else o.weight.T  # Conv1D stores [in, out]
+        return w.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    def b_O(self, layer: int) -> Optional[Tensor]:
+        return self.layers[layer].o_proj.bias
+
+
+Float_HDM = Tensor  # alias used in signatures: Float[Tensor, "head d_head d_model"]
+
+LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo", "olmo2"}
+SUPPORTED = sorted(LLAMA_LIKE | {"gpt2", "gpt_neox"})
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def build_adapter(model: nn.Module) -> Adapter:
+    """Inspect an HF causal LM and return where its parts are. Raises on unsupported families."""
+    config = _text_config(model.config)
+    family = config.model_type
+    if family in LLAMA_LIKE:
+        return _llama_like(model, config, family)
+    if family == "gpt2":
+        return _gpt2(model, config)
+    if family == "gpt_neox":
+        return _neox(model, config)
+    raise ValueError(
+        f"unsupported architecture {family!r} ({type(model).__name__}). Supported families: "
+        f"{', '.join(SUPPORTED)}. An adapter is one function in interp/models/adapters.py."
+    )
+
+
+def _base(model: nn.Module, attr: str) -> nn.Module:
+    """The decoder stack inside a *ForCausalLM (or the model itself if it is the stack)."""
+    inner = getattr(model, attr, None)
+    if inner is None:
+        raise ValueError(f"{type(model).__name__} has no `.{attr}`: pass a *ForCausalLM model")
+    # Multimodal Gemma 3 keeps the text stack one level down.
+    return getattr(inner, "language_model", inner)
+
+
+def _llama_like(model: nn.Module, config, family: str) -> Adapter:
+    base = _base(model, "model")
+    gemma_norms = hasattr(base.layers[0], "post_feedforward_layernorm")
+    layers = []
+    for block in base.layers:
+        attn = block.self_attn
+        layers.append(
+            LayerParts(
+                block=block,
+                attn=attn,
+                qkv=QKV("separate", attn.q_proj, attn.k_proj, attn.v_proj),
+                o_proj=attn.o_proj,
+                # Gemma 2/3 normalise each sublayer's output before adding it to the residual.
+                attn_out=block.post_attention_layernorm if gemma_norms else attn,
+                mlp_out=block.post_feedforward_layernorm if gemma_norms else block.mlp,
+                mlp_down=block.mlp.down_proj,
+                ln1=block.input_layernorm,
+                ln2=block.pre_feedforward_layernorm if gemma_norms else block.post_attention_layernorm,
+            )
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer_types = getattr(config, "layer_types", None)
+    cfg = ModelConfig(
+        family=family,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        d_head=head_dim,
+        d_model=config.hidden_size,
+        d_vocab=config.vocab_size,
+        sliding_window=getattr(config, "sliding_window", None),
+        layer_types=tuple(layer_types) if layer_types else None,
+    )
+    return Adapter(cfg, base.embed_tokens, None, tuple(layers), base.norm, model.lm_head)
+
+
+def _gpt2(model: nn.Module, config) -> Adapter:
+    base = _base(model, "transformer")
+    layers = tuple(
+        LayerParts(
+            block=b,
+            attn=b.attn,
+            qkv=QKV("fused_gpt2", b.attn.c_attn),
+            o_proj=b.attn.c_proj,
+            attn_out=b.attn,
+            mlp_out=b.mlp,
+            mlp_down=b.mlp.c_proj,
+            ln1=b.ln_1,
+            ln2=b.ln_2,
+        )
+        for b in base.h
+    )
+    cfg = ModelConfig(
+        family="gpt2",
+        n_layers=config.n_layer,
+        n_heads=config.n_head,
+        n_kv_heads=config.n_head,
+        d_head=config.n_embd // config.n_head,
+        d_model=config.n_embd,
+        d_vocab=config.vocab_size,
+        has_pos_embed=True,
+    )
+    return Adapter(cfg, base.wte, base.wpe, layers, base.ln_f, model.lm_head)
+
+
+def _neox(model: nn.Module, config) -> Adapter:
+    base = _base(model, "gpt_neox")
+    layers = tuple(
+        LayerParts(
+            block=b,
+            attn=b.attention,
+            qkv=QKV("fused_neox", b.attention.query_key_value),
+            o_proj=b.attention.dense,
+            attn_out=b.attention,
+            mlp_out=b.mlp,
+            mlp_down=b.mlp.dense_4h_to_h,
+            ln1=b.input_layernorm,
+            ln2=b.post_attention_layernorm,
+        )
+        for b in base.layers
+    )
+    cfg = ModelConfig(
+        family="gpt_neox",
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_attention_heads,
+        d_head=config.hidden_size // config.num_attention_heads,
+        d_model=config.hidden_size,
+        d_vocab=config.vocab_size,
+        parallel_attn_mlp=bool(config.use_parallel_residual),
+    )
+    return Adapter(cfg, base.embed_in, None, layers, base.final_layer_norm, model.embed_out)
+
+
+def split_fused_qkv(out: Tensor, layout: str, n_heads: int, d_head: int) -> list[Tensor]:
+    """Views of q, k, v, each [batch, pos, head, d_head], into a fused projection's output."""
+    b, s, _ = out.shape
+    if layout == "fused_gpt2":
+        return [t.view(b, s, n_heads, d_head) for t in out.split(n_heads * d_head, dim=-1)]
+    if layout == "fused_neox":
+        per_head = out.view(b, s, n_heads, 3 * d_head)
+        return list(per_head.split(d_head, dim=-1))
+    raise ValueError(f"unknown fused qkv layout {layout!r}")
+
+
+def merge_fused_qkv(parts: list[Tensor], layout: str) -> Tensor:
+    """Inverse of `split_fused_qkv`."""
+    b, s = parts[0].shape[:2]
+    if layout == "fused_gpt2":
+        return torch.cat([p.reshape(b, s, -1) for p in parts], dim=-1)
+    return torch.cat(parts, dim=-1).reshape(b, s, -1)
