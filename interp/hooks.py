@@ -33,6 +33,12 @@ HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
 ROPE_FAMILIES_WITHOUT = {"gpt2"}  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
 
 
+def _require_grad(module: nn.Module, args, output: Tensor) -> Optional[Tensor]:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return None
+
+
 class HookedModel(nn.Module):
     """A causal LM from transformers with named, live hook points.
 
@@ -51,6 +57,7 @@ class HookedModel(nn.Module):
         self.hook_dict: dict[str, HookPoint] = {}
         self._sites: list = []
         self._fingerprint: Optional[str] = None
+        self._grad_handle = None
         self._wire()
         self._switch_attention()
 
@@ -165,6 +172,14 @@ class HookedModel(nn.Module):
     def _sync(self) -> None:
         for s in self._sites:
             s.sync()
+        # Parameters are frozen, so a backward hook needs the activations themselves to carry
+        # gradients: make the embedding output a leaf that requires grad while any is attached.
+        wants_grad = any(p.bwd for p in self.hook_dict.values())
+        if wants_grad and self._grad_handle is None:
+            self._grad_handle = self.adapter.embed.register_forward_hook(_require_grad)
+        elif not wants_grad and self._grad_handle is not None:
+            self._grad_handle.remove()
+            self._grad_handle = None
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator["HookedModel"]:

@@ -151,7 +151,7 @@ def _llama_like(model: nn.Module, config, family: str) -> Adapter:
         sliding_window=getattr(config, "sliding_window", None),
         layer_types=tuple(layer_types) if layer_types else None,
     )
-    return Adapter(cfg, base.embed_tokens, None, tuple(layers), base.norm, model.lm_head)
+    return Adapter(cfg, base.embed_tokens, None, tuple(layers), base.norm, model.get_output_embeddings())
 
 
 def _gpt2(model: nn.Module, config) -> Adapter:
@@ -180,7 +180,7 @@ def _gpt2(model: nn.Module, config) -> Adapter:
         d_vocab=config.vocab_size,
         has_pos_embed=True,
     )
-    return Adapter(cfg, base.wte, base.wpe, layers, base.ln_f, model.lm_head)
+    return Adapter(cfg, base.wte, base.wpe, layers, base.ln_f, model.get_output_embeddings())
 
 
 def _neox(model: nn.Module, config) -> Adapter:
@@ -209,7 +209,7 @@ def _neox(model: nn.Module, config) -> Adapter:
         d_vocab=config.vocab_size,
         parallel_attn_mlp=bool(config.use_parallel_residual),
     )
-    return Adapter(cfg, base.embed_in, None, layers, base.final_layer_norm, model.embed_out)
+    return Adapter(cfg, base.embed_in, None, layers, base.final_layer_norm, model.get_output_embeddings())
 
 
 def split_fused_qkv(out: Tensor, layout: str, n_heads: int, d_head: int) -> list[Tensor]:

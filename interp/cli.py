@@ -1,0 +1,133 @@
+"""The `interp` command: batch jobs over a model.
+
+    interp lens smollm2-135m --prompt "The Eiffel Tower is in the city of"
+    interp cache smollm2-135m --prompts prompts.txt --hooks "blocks.*.hook_resid_post" --out acts/
+    interp hooks smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def _load(args):
+    import interp
+
+    return interp.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def _hook_filter(model, patterns: str) -> list[str]:
+    """Comma-separated glob patterns over hook names; an unmatched pattern is an error naming near misses."""
+    from .hook_points import unknown_hook_error
+
+    names = []
+    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
+        hits = [n for n in model.hook_names() if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise SystemExit(f"interp: --hooks pattern {pattern!r} matches no hook. {unknown_hook_error(pattern, model.hook_names()).args[0]}")
+        names.extend(h for h in hits if h not in names)
+    return names
+
+
+def cmd_lens(args) -> int:
+    from .lens import logit_lens_table
+
+    import pandas as pd
+
+    model = _load(args)
+    table = logit_lens_table(model, args.prompt, top_k=args.top_k, targets=args.target or None)
+    print(f"{model}\nprompt tokens: {model.to_str_tokens(args.prompt)}\nlogit lens at the last position:")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_rows", 200):
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.out:
+        _write_table(table, Path(args.out))
+    return 0
+
+
+def _write_table(table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, index=False)
+    print(f"wrote {path}")
+
+
+def cmd_cache(args) -> int:
+    from tqdm import tqdm
+
+    from .cache import CacheStore
+
+    prompts_path = Path(args.prompts)
+    if not prompts_path.exists():
+        raise SystemExit(f"interp: prompts file {prompts_path} does not exist")
+    prompts = [line.rstrip("\n") for line in prompts_path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"interp: {prompts_path} has no prompts (one per line)")
+    model = _load(args)
+    names = _hook_filter(model, args.hooks)
+    store = CacheStore(args.out)
+    done = 0
+    for prompt in tqdm(prompts, desc="caching", unit="prompt", disable=args.quiet):
+        tokens = model.to_tokens(prompt)
+        if store.key_for(model, tokens, names) in store:
+            continue  # resumable: finished prompts are skipped
+        store.get_or_compute(model, tokens, names_filter=names)
+        done += 1
+    print(f"{done} new, {len(prompts) - done} already cached; {len(names)} hooks per prompt; store: {store.root}")
+    return 0
+
+
+def cmd_hooks(args) -> int:
+    model = _load(args)
+    names = _hook_filter(model, args.filter) if args.filter else model.hook_names()
+    print("\n".join(names))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp", description="Interpretability jobs on Hugging Face checkpoints (no network).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("model", help="bundled name (smollm2-135m), HF directory, .safetensors or .gguf file")
+        p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+        p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+
+    p = sub.add_parser("lens", help="logit lens table of a prompt: top tokens per layer at the last position")
+    model_args(p)
+    p.add_argument("--prompt", default="The Eiffel Tower is in the city of")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--target", action="append", help="a token string whose probability and rank to report (repeatable)")
+    p.add_argument("--out", help="also write the table (.csv or .parquet)")
+    p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("cache", help="build a shared on-disk activation cache for a prompt file")
+    model_args(p)
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--hooks", required=True, help="comma-separated glob patterns, e.g. 'blocks.*.hook_resid_post'")
+    p.add_argument("--out", required=True, help="cache store directory (created if absent; existing entries reused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("hooks", help="list the model's hook names")
+    model_args(p)
+    p.add_argument("--filter", help="comma-separated glob patterns")
+    p.set_defaults(func=cmd_hooks)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with torch.inference_mode(False), torch.no_grad():
+        return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
