@@ -270,9 +270,11 @@ class HookedModel(nn.Module):
         attention_mask: Optional[Tensor] = None,
         **kwargs,
     ) -> Tensor:
-        """Forward with temporary hooks. Backward hooks fire when the caller calls `.backward()`
-        inside the returned graph, so they stay attached only for the forward; use `hooks()` to
-        keep them attached across the backward pass."""
+        """Forward with temporary hooks; they are detached when the forward returns.
+
+        Backward hooks are armed on the activations during the forward, so they still fire when
+        the caller runs `.backward()` on the returned logits.
+        """
         with self.hooks(fwd_hooks, bwd_hooks):
             return self.forward(input, attention_mask, **kwargs)
 

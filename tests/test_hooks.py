@@ -160,6 +160,15 @@ def test_backward_hooks_receive_gradients(tokens):
     assert abs(float((up - base) / eps) - float(grads["blocks.0.hook_resid_post"][0, 3, 4])) < 1e-2
 
 
+def test_run_with_hooks_backward_hooks_fire_after_return(tokens):
+    model = make_tiny("llama")
+    grads = []
+    logits = model.run_with_hooks(tokens, bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook: grads.append(g))])
+    assert all(not p.active for p in model.hook_dict.values())
+    logits[0, -1].logsumexp(-1).backward()
+    assert len(grads) == 1 and grads[0][1].abs().sum() == 0 and grads[0][0, -1].abs().sum() > 0
+
+
 def test_unknown_hook_name_suggests_nearest(tokens):
     model = make_tiny("llama")
     with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
