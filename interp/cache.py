@@ -172,7 +172,8 @@ class ActivationCache:
             if mode in ("all", "mlp"):
                 labels.append(f"{l}_mlp_out")
                 parts.append(self[f"blocks.{l}.hook_mlp_out"])
-        stack = torch.stack([self._pos(p, pos_slice, -2) for p in parts])
+        # hook_pos_embed may have batch size 1 (position ids broadcast over the batch).
+        stack = torch.stack(torch.broadcast_tensors(*[self._pos(p, pos_slice, -2) for p in parts]))
         if apply_ln:
             final = self[f"blocks.{n - 1}.hook_resid_post"] if layer == n else self[f"blocks.{layer}.hook_resid_pre"]
             stack = self.apply_ln_to_stack(stack, recompute=False, resid=self._pos(final, pos_slice, -2))
@@ -276,6 +277,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies where two tensors share storage: safetensors refuses shared tensors, and a cache
+    often holds one tensor under two names (blocks.0.hook_resid_post is blocks.1.hook_resid_pre)."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
 class CacheStore:
     """A directory of cached activations shared between experiments and processes.
 
@@ -308,7 +322,9 @@ class CacheStore:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CacheError(f"{path} is not valid JSON ({e}); the store is damaged: move it aside, do not reuse it") from e
-        if data.get("version") != self.VERSION or "entries" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+            raise CacheError(f"{path} is not a cache manifest (no 'entries' object); the store is damaged")
+        if data.get("version") != self.VERSION:
             raise CacheError(f"{path} has version {data.get('version')!r}; this toolkit reads version {self.VERSION}")
         return data
 
@@ -328,7 +344,7 @@ class CacheStore:
                 return self.root / entries[key]["file"]
             file = f"{key}.safetensors"
             meta = {"key": key, "hooks": json.dumps(sorted(activations)), **{k: str(v) for k, v in (info or {}).items()}}
-            tensors = {k: v.detach().cpu().contiguous() for k, v in activations.items()}
+            tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in activations.items()})
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
             os.close(fd)
             try:

@@ -85,7 +85,7 @@ def _load_path(spec: str, tokenizer, dtype: torch.dtype, attn: str):
 
         config = AutoConfig.from_pretrained(path.parent)
         _check_family(config)
-        hf = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation=attn)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as e:
@@ -123,12 +123,13 @@ def _tokenizer_or_none(directory: Path):
 
 
 def _from_dir(directory: Path, tokenizer, dtype: torch.dtype, attn: str):
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
     _check_family(config)
     try:
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"could not load the checkpoint in {directory}: {e}") from e
     return hf.eval(), tokenizer or _tokenizer_or_none(directory)
