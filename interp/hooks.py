@@ -56,7 +56,7 @@ class HookedModel(nn.Module):
         self.cfg: ModelConfig = self.adapter.cfg
         self.hook_dict: dict[str, HookPoint] = {}
         self._sites: list = []
-        self._fingerprint: Optional[str] = None
+        self._fingerprint: Optional[tuple] = None
         self._grad_handle = None
         self._wire()
         self._switch_attention()
@@ -350,14 +350,20 @@ class HookedModel(nn.Module):
         return self.adapter.b_O(layer)
 
     def fingerprint(self) -> str:
-        """sha256 over parameter names, shapes, dtypes and values; computed once per model object."""
-        if self._fingerprint is None:
+        """sha256 over parameter names, shapes, dtypes and values.
+
+        Memoised on the parameters' storage, dtype and autograd version counters, so an in-place
+        edit, a dtype change or new weights give a new fingerprint (and so new cache keys).
+        """
+        state = sorted(self.hf_model.state_dict().items())
+        stamp = tuple((n, t.data_ptr(), t.dtype, t._version) for n, t in state)
+        if self._fingerprint is None or self._fingerprint[0] != stamp:
             h = hashlib.sha256()
-            for name, t in sorted(self.hf_model.state_dict().items()):
+            for name, t in state:
                 h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
                 h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+            self._fingerprint = (stamp, h.hexdigest())
+        return self._fingerprint[1]
 
     def __repr__(self) -> str:
         c = self.cfg

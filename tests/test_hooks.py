@@ -202,3 +202,15 @@ def test_tokens_and_padding():
         batched = model(["w5 w6 w7", "w8 w9"])
         single = model("w8 w9")
     torch.testing.assert_close(batched[1, :2], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fingerprint_follows_the_weights():
+    model = make_tiny("llama")
+    first = model.fingerprint()
+    assert model.fingerprint() == first == make_tiny("llama").fingerprint()
+    with torch.no_grad():
+        model.adapter.layers[0].o_proj.weight[0, 0] += 1.0  # in place
+    edited = model.fingerprint()
+    assert edited != first
+    model.hf_model.to(torch.bfloat16)
+    assert model.fingerprint() not in (first, edited)
