@@ -30,7 +30,12 @@ Input = Union[str, Sequence[str], Tensor]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
 
-ROPE_FAMILIES_WITHOUT = {"gpt2"}  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
+ROPE_FAMILIES_WITHOUT = {"gpt2"}
+# Left out of names_filter=None, as TransformerLens leaves them out by default: hook_result is
+# n_heads x the size of the residual stream and costs n_heads x an output projection (on
+# SmolLM2 it made a full cache take 1.24x the time of one without it). Ask for it by name, or
+# get per-head writes from z with `cache.stack_head_results()`.
+OPT_IN_HOOKS = ("attn.hook_result",)  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
 
 
 def _require_grad(module: nn.Module, args, output: Tensor) -> Optional[Tensor]:
@@ -142,9 +147,9 @@ class HookedModel(nn.Module):
         return list(self.hook_dict)
 
     def resolve_names(self, names_filter: NamesFilter) -> list[str]:
-        """Hook names selected by None (all), a name, a list of names or a predicate."""
+        """Hook names selected by None (all but the opt-in `OPT_IN_HOOKS`), a name, a list of names or a predicate."""
         if names_filter is None:
-            return self.hook_names()
+            return [n for n in self.hook_dict if not n.endswith(OPT_IN_HOOKS)]
         if callable(names_filter):
             return [n for n in self.hook_dict if names_filter(n)]
         names = [names_filter] if isinstance(names_filter, str) else list(names_filter)

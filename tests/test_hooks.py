@@ -99,7 +99,9 @@ def test_gqa_shapes(family, tokens):
     model = make_tiny(family)
     c = model.cfg
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: True)  # every hook, hook_result included
+        _, default = model.run_with_cache(tokens)
+    assert set(default) == set(cache) - {f"blocks.{l}.attn.hook_result" for l in range(c.n_layers)}
     b, s = tokens.shape
     assert cache["blocks.0.attn.hook_q"].shape == (b, s, c.n_heads, c.d_head)
     assert cache["blocks.0.attn.hook_k"].shape == (b, s, c.n_kv_heads, c.d_head)
