@@ -12,8 +12,11 @@ What it measures: wall-clock time of one forward pass over a batch of random tok
 
 Each variant runs once to warm up, then the variants are interleaved round-robin for --reps
 rounds, so drift in machine load hits all of them alike. Reported: median seconds and the ratio
-to (a) from this same run (the minimum too, as a hint of how noisy the machine was). The script
-also checks that (b)'s logits equal (a)'s exactly.
+to (a) from this same run (the minimum too, as a hint of how noisy the machine was), and the
+median kernel CPU time per call: caching gigabytes touches fresh memory, and the page faults land
+on whichever variant grows the process's heap past what the allocator kept from the one before
+(on a VM they are expensive), so a large kernel time means part of that variant's time is the
+allocator's, not compute. The script also checks that (b)'s logits equal (a)'s exactly.
 
 The bridge's cache is estimated first from a one-row run; if the full batch would not fit in
 --mem-budget-gib, the bridge runs at the largest batch that does, and the table says so.
@@ -82,12 +85,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
+    """Wall seconds, kernel CPU seconds (mostly first-touch page faults of fresh memory), output."""
     sync(device)
-    start = time.perf_counter()
+    sys0, start = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0, out
 
 
 def logits_of(out) -> torch.Tensor:
@@ -135,14 +139,15 @@ def record(args, device: torch.device, rows: list[dict], checks: list[str], verd
         f"- load average (1 min) at start / end: {args.load_start:.2f} / {os.getloadavg()[0]:.2f} (2 cores)",
         f"- peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB",
         "",
-        "| variant | median s | ratio to bare HF | min s | note |",
-        "|---|---:|---:|---:|---|",
+        "| variant | median s | ratio to bare HF | min s | kernel CPU s | note |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sec = f"{r['median']:.3f}" if r["median"] is not None else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         low = f"{r['min']:.3f}" if r["min"] is not None else "-"
-        lines.append(f"| {r['name']} | {sec} | {ratio} | {low} | {r['note']} |")
+        ksec = f"{r['sys']:.2f}" if r["sys"] is not None else "-"
+        lines.append(f"| {r['name']} | {sec} | {ratio} | {low} | {ksec} | {r['note']} |")
     lines += ["", *[f"- {c}" for c in checks], "", "Targets (from the issue):", "", *[f"- {v}" for v in verdicts], ""]
     return "\n".join(lines)
 
@@ -172,13 +177,13 @@ def main() -> None:
     variants: dict[str, Callable[[], object]] = {
         "(a) bare HF": lambda: bare(input_ids=tokens, use_cache=False),
         "(b) hooked, no hooks": lambda: model(tokens),
-        "(c) run_with_cache, all hooks": lambda: model.run_with_cache(tokens),
+        "(c) run_with_cache, names_filter=None": lambda: model.run_with_cache(tokens),
         "(d) run_with_cache, no pattern/scores": lambda: model.run_with_cache(tokens, names_filter=no_pattern),
     }
     notes = {
         "(a) bare HF": "AutoModelForCausalLM, sdpa",
         "(b) hooked, no hooks": "model(tokens)",
-        "(c) run_with_cache, all hooks": f"names_filter=None: {len(everything)} of {len(model.hook_names())} hook points",
+        "(c) run_with_cache, names_filter=None": f"{len(everything)} of {len(model.hook_names())} hook points",
         "(d) run_with_cache, no pattern/scores": f"{len(no_pattern)} hook points, attention on SDPA",
     }
     failed: dict[str, str] = {}
@@ -206,7 +211,7 @@ def main() -> None:
     a = None
     for name, fn in list(variants.items()):
         try:
-            _, out = timed(fn, device)
+            *_, out = timed(fn, device)
         except Exception as e:
             failed[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"
             del variants[name]
@@ -226,13 +231,15 @@ def main() -> None:
         print(c)
 
     times: dict[str, list[float]] = {name: [] for name in variants}
+    kernel: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(args.reps):
         for name, fn in variants.items():
-            seconds, out = timed(fn, device)
+            seconds, sys_seconds, out = timed(fn, device)
             del out
             gc.collect()
             times[name].append(seconds)
-            print(f"rep {rep + 1}/{args.reps}  {name:<40} {seconds:8.3f} s", flush=True)
+            kernel[name].append(sys_seconds)
+            print(f"rep {rep + 1}/{args.reps}  {name:<40} {seconds:8.3f} s  (kernel {sys_seconds:.2f} s)", flush=True)
 
     base = statistics.median(times["(a) bare HF"])
     rows = []
@@ -240,14 +247,16 @@ def main() -> None:
         med = statistics.median(times[name]) if name in times else None
         comparable = med is not None and name not in smaller_batch
         low = min(times[name]) if name in times else None
-        rows.append(dict(name=name, median=med, ratio=med / base if comparable else None, min=low,
+        sys_med = statistics.median(kernel[name]) if name in kernel else None
+        rows.append(dict(name=name, median=med, ratio=med / base if comparable else None, min=low, sys=sys_med,
                          note=failed.get(name, notes.get(name, ""))))
-    print(f"\n{'variant':<42} {'median s':>9} {'ratio':>7} {'min s':>8}")
+    print(f"\n{'variant':<42} {'median s':>9} {'ratio':>7} {'min s':>8} {'kernel s':>9}")
     for r in rows:
         sec = f"{r['median']:.3f}" if r["median"] is not None else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         low = f"{r['min']:.3f}" if r["min"] is not None else "-"
-        print(f"{r['name']:<42} {sec:>9} {ratio:>7} {low:>8}  {r['note']}")
+        ksec = f"{r['sys']:.2f}" if r["sys"] is not None else "-"
+        print(f"{r['name']:<42} {sec:>9} {ratio:>7} {low:>8} {ksec:>9}  {r['note']}")
 
     ratio = {r["name"][:3]: r["ratio"] for r in rows}
     med = {r["name"][:3]: r["median"] for r in rows}
