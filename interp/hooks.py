@@ -30,12 +30,12 @@ Input = Union[str, Sequence[str], Tensor]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 HookSpec = Sequence[tuple[Union[str, Callable[[str], bool]], HookFn]]
 
-ROPE_FAMILIES_WITHOUT = {"gpt2"}
+ROPE_FAMILIES_WITHOUT = {"gpt2"}  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
 # Left out of names_filter=None, as TransformerLens leaves them out by default: hook_result is
 # n_heads x the size of the residual stream and costs n_heads x an output projection (on
 # SmolLM2 it made a full cache take 1.24x the time of one without it). Ask for it by name, or
 # get per-head writes from z with `cache.stack_head_results()`.
-OPT_IN_HOOKS = ("attn.hook_result",)  # families whose q/k are not rotated: no hook_rot_q/hook_rot_k
+OPT_IN_HOOKS = ("attn.hook_result",)
 
 
 def _require_grad(module: nn.Module, args, output: Tensor) -> Optional[Tensor]:
