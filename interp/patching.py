@@ -13,9 +13,11 @@ position. k and v are indexed by key/value head (GQA), everything else by query 
 Speed comes from the design, not from tuning:
 - many patches run in one forward, stacked along the batch dimension (copy j of the prompt
   set carries patch j), in chunks that fit `memory_budget_mb`;
-- a patch at layer l starts from the run's cached residual stream at layer l, and a patch at
-  position p starts at position p with the run's keys and values as a KV cache
+- a patch at layer l starts from the run's cached residual stream at layer l, and a patch that
+  first changes position p starts at position p with the run's keys and values as a KV cache
   (`interp.resume`), since nothing before (l, p) can change;
+- a patch that writes the value already there is not run at all: prompt pairs that differ in
+  one token share every activation before it, so most by-position patches there are no-ops;
 - metrics that read the last position ask the model for that position's logits only.
 
 Attribution patching (Nanda 2023; Syed et al., "Attribution Patching Outperforms Automated
@@ -204,14 +206,38 @@ def _row_bytes(model: HookedModel, n_pos: int, kept: int, eager_pattern: bool) -
     return 4 * (n_pos * per_pos + kept * cfg.d_vocab)
 
 
-def _chunks(items: list, max_items: int, buckets: int) -> list[list]:
-    """Split items (sorted by position) into `buckets` contiguous runs, each cut to at most max_items."""
+def first_change(src: Tensor, run: Tensor, layout: str, pos: Optional[int], head: Optional[int]) -> Optional[int]:
+    """The first position a patch changes, or None when the source equals the run there (a no-op).
+
+    Attention is causal, so a patched forward is the run itself before that position: it can
+    resume there. Prompt pairs that differ in one token (IOI, factual recall) share every
+    activation before that token, so most of a sweep's patches there are no-ops.
+    src / run: one layer's activation of the source and run sets, in `layout`.
+    """
+    if layout == "resid":
+        return None if torch.equal(src[:, pos], run[:, pos]) else pos
+    if layout == "pattern":  # [b, head, q, k]: position = query row
+        src, run = src[:, head].transpose(1, 2), run[:, head].transpose(1, 2)  # [b, k, q]
+        differs = (src != run).any(dim=1).any(dim=0)
+    else:  # [b, pos, head, d]
+        differs = (src[:, :, head] != run[:, :, head]).any(dim=-1).any(dim=0)
+    if pos is not None:
+        return pos if bool(differs[pos]) else None
+    changed = differs.nonzero()
+    return int(changed[0]) if len(changed) else None
+
+
+def _chunks(items: list, starts: dict, max_items: int, buckets: int) -> list[list]:
+    """Split items (sorted by start position) into at most about `buckets` contiguous runs, never
+    between two items with the same start, and cut each run to at most max_items."""
     per_bucket = math.ceil(len(items) / max(1, buckets))
-    out = []
-    for start in range(0, len(items), per_bucket):
-        bucket = items[start : start + per_bucket]
-        out += [bucket[i : i + max_items] for i in range(0, len(bucket), max_items)]
-    return out
+    runs: list[list] = []
+    for item in items:
+        if runs and (len(runs[-1]) < per_bucket or starts[item] == starts[runs[-1][-1]]):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return [run[i : i + max_items] for run in runs for i in range(0, len(run), max_items)]
 
 
 def activation_patch(
@@ -236,6 +262,9 @@ def activation_patch(
     logits Float[Tensor, "prompt pos d_vocab"] to a scalar. `store`: a CacheStore the source
     activations are read from (and written to). `memory_budget_mb` bounds the stacked batch;
     `position_buckets` trades forwards for positions skipped (1 = never skip positions).
+
+    Patches that write the value already there (source equals run, e.g. before the first token
+    where the prompt pairs differ) are not run: their metric is the run's own.
     """
     comp = component(component_name)
     by = _check_by(comp, by)
@@ -243,25 +272,33 @@ def activation_patch(
     metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens)
     run_t, source_t = _direction(direction, clean_t, corrupted_t)
     n, n_pos = run_t.shape
-    sources = source_activations(model, source_t, [comp.hook_name(l) for l in range(model.cfg.n_layers)], store)
-    run = capture_run(model, run_t)
+    names = [comp.hook_name(l) for l in range(model.cfg.n_layers)]
+    sources = source_activations(model, source_t, names, store)
+    run = capture_run(model, run_t, keep=names)
+    run_m = corrupted_m if direction == "denoising" else clean_m
 
     last_only = bool(getattr(metric, "last_position_only", False))
     kept = 1 if last_only else 0
-    skip_positions = last_only and run.can_resume_positions and by != "head"
+    skip_positions = last_only and run.can_resume_positions
     max_groups = max(1, int(memory_budget_mb * 2**20) // (n * _row_bytes(model, n_pos, kept or n_pos, comp.layout == "pattern")))
 
     indices = _indices(model, comp, by, n_pos)
-    values = torch.empty(len(indices))
+    values = torch.full((len(indices),), run_m)  # no-op patches keep the run's metric
     by_layer: dict[int, list[int]] = {}
-    for i, (layer, _, _) in enumerate(indices):
-        by_layer.setdefault(layer, []).append(i)
+    starts: dict[int, int] = {}
+    for i, (layer, pos, head) in enumerate(indices):
+        name = comp.hook_name(layer)
+        start = first_change(sources[name], run.acts[name], comp.layout, pos, head)
+        if start is not None:
+            starts[i] = start if skip_positions else 0
+            by_layer.setdefault(layer, []).append(i)
     bar = tqdm(total=len(indices), desc=f"patching {comp.name}", disable=not progress)
+    bar.update(len(indices) - len(starts))
     for layer, members in by_layer.items():
-        members.sort(key=lambda i: indices[i][1] or 0)
-        for chunk in _chunks(members, max_groups, position_buckets if skip_positions else 1):
+        members.sort(key=lambda i: starts[i])
+        for chunk in _chunks(members, starts, max_groups, position_buckets if skip_positions else 1):
             groups = [indices[i][1:] for i in chunk]
-            start = min(p for p, _ in groups) if skip_positions else 0
+            start = min(starts[i] for i in chunk)
             values[chunk] = _run_chunk(model, run, comp, layer, groups, sources[comp.hook_name(layer)], start, metric, kept)
             bar.update(len(chunk))
     bar.close()

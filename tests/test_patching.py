@@ -119,6 +119,37 @@ def test_resumed_and_batched_equal_naive_full_forwards(family, component, by):
     torch.testing.assert_close(one_at_a_time.values, expected, atol=1e-4, rtol=0)
 
 
+def test_no_op_patches_are_not_run_and_patches_resume_at_their_first_change(monkeypatch):
+    """prompt_set differs at positions 2 and 5: before 2 every activation is shared, and at
+    layer 0 resid_pre differs only at the changed tokens. Only the other patches are run, each
+    from the first position it changes, and the results still equal the naive sweep."""
+    import interp.patching as patching
+
+    model = make_tiny("llama")
+    clean, corrupted, answers = prompt_set()
+    metric = LogitDiff(answers)
+    runs = []
+    real = patching._run_chunk
+
+    def spy(model, run, comp, layer, groups, src, start, metric, kept):
+        runs.append((comp.name, layer, start, list(groups)))
+        return real(model, run, comp, layer, groups, src, start, metric, kept)
+
+    monkeypatch.setattr(patching, "_run_chunk", spy)
+    resid = activation_patch(model, "resid_pre", clean, corrupted, metric)
+    patched = {(layer, pos) for name, layer, _, groups in runs for pos, _ in groups}
+    assert patched == {(0, 2), (0, 5)} | {(1, p) for p in range(2, 8)}
+    assert all(start == min(pos for pos, _ in groups) for _, _, start, groups in runs)
+    torch.testing.assert_close(resid.values, naive_sweep(model, "resid_pre", "pos", clean, corrupted, metric), atol=1e-4, rtol=0)
+    assert torch.equal(resid.values[:, :2], torch.full((2, 2), resid.corrupted_metric))
+
+    runs.clear()
+    z = activation_patch(model, "z", clean, corrupted, metric, by="head")
+    assert {start for _, _, start, _ in runs} == {2}  # every head first changes at position 2
+    assert sum(len(groups) for *_, groups in runs) == model.cfg.n_layers * model.cfg.n_heads
+    torch.testing.assert_close(z.values, naive_sweep(model, "z", "head", clean, corrupted, metric), atol=1e-4, rtol=0)
+
+
 def test_noising_and_normalisation():
     model = make_tiny("llama")
     clean, corrupted, answers = prompt_set()
