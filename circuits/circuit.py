@@ -6,7 +6,10 @@ Extraction (Hanna et al. 2024, "Have Faith in Faithfulness", arXiv:2403.17806, s
   from ``input`` to ``logits`` inside the chosen set (an edge into a node that reaches nothing
   changes nothing, so it is dropped, as is an edge out of a node nothing feeds).
 - ``greedy``: start from ``logits``; repeatedly add the highest-|score| edge whose downstream
-  node is already in the circuit, until n edges are chosen.
+  node is already in the circuit, until n edges are chosen; then pruned like ``top_n`` (every
+  chosen edge already reaches the logits, so only edges out of nodes that nothing chosen feeds
+  from ``input`` go: such a node reads the corrupted residual stream and writes its corrupted
+  output, so dropping its edges leaves the circuit's patched run, hence its faithfulness, unchanged).
 
 A key/value receiver ``a{l}.kv{g}<k>`` belongs to the query heads of its group: the circuit's
 node set names query heads; an edge into a kv receiver reaches every head of the group.
@@ -237,11 +240,15 @@ def top_n(scores: EdgeScores, n: int, model: str = "", prune_dangling: bool = Tr
     return _circuit(g, keep, scores, model, f"top_n({n})")
 
 
-def greedy(scores: EdgeScores, n: int, model: str = "") -> Circuit:
-    """Grow from logits: add the highest-|score| edge into a node already in the circuit, n times.
+def greedy(scores: EdgeScores, n: int, model: str = "", prune_dangling: bool = True) -> Circuit:
+    """Grow from logits: add the highest-|score| edge into a node already in the circuit, n times,
+    then prune to input -> logits paths unless told not to (as Hanna et al.'s greedy search is
+    followed by pruning dead nodes).
 
-    Every chosen edge then lies on a path to the logits; paths from the input are not enforced
-    (a chosen head's remaining inputs carry corrupted values).
+    Every chosen edge lies on a path to the logits; pruning drops the edges out of nodes that no
+    chosen edge feeds from the input. Those nodes read the corrupted residual stream and so write
+    their corrupted outputs: their edges carry corrupted values whether kept or not, and pruning
+    changes the circuit's size, not its patched run.
     """
     g = scores.graph
     if not 0 < n <= g.n_edges:
@@ -264,4 +271,6 @@ def greedy(scores: EdgeScores, n: int, model: str = "") -> Circuit:
             for rr, f in enumerate(feeds):
                 if u in f:
                     active_rec[rr] = True
+    if prune_dangling:
+        keep = prune(g, keep)
     return _circuit(g, keep, scores, model, f"greedy({n})")
