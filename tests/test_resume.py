@@ -1,0 +1,48 @@
+"""Resuming a forward from a captured run (interp.resume) gives the full forward's logits.
+
+Reference: the HF model's own forward from the embeddings, on every supported family.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny
+
+from interp.resume import capture_run, forward_from
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_forward_from_a_layer_and_position_equals_the_full_forward(family, tokens, layer):
+    model = make_tiny(family)
+    with torch.no_grad():
+        full = model.hf_model(input_ids=tokens).logits
+    run = capture_run(model, tokens)
+    starts = [0, 3] if run.can_resume_positions else [0]
+    for start in starts:
+        got = forward_from(model, run, layer, start, copies=3)
+        assert got.shape == (3 * tokens.shape[0], tokens.shape[1] - start, full.shape[-1])
+        for copy in got.view(3, *full[:, start:].shape):
+            torch.testing.assert_close(copy, full[:, start:], atol=2e-5, rtol=0)
+        last = forward_from(model, run, layer, start, copies=2, logits_to_keep=1)
+        torch.testing.assert_close(last.view(2, tokens.shape[0], -1)[1], full[:, -1], atol=2e-5, rtol=0)
+
+
+def test_sliding_window_models_resume_only_at_position_zero(tokens):
+    model = make_tiny("gemma3")
+    run = capture_run(model, tokens)
+    assert not run.can_resume_positions
+    with pytest.raises(ValueError, match="sliding-window"):
+        forward_from(model, run, 1, start_pos=2)
+
+
+def test_capture_keeps_the_hooks_asked_for(tokens):
+    model = make_tiny("llama")
+    names = ["blocks.1.attn.hook_z", "blocks.0.hook_resid_pre"]
+    run = capture_run(model, tokens, keep=names)
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    assert set(run.acts) == set(names)
+    for name in names:
+        torch.testing.assert_close(run.acts[name], cache[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(run.resid_pre[0], cache["blocks.0.hook_resid_pre"], atol=0, rtol=0)
