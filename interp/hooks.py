@@ -44,6 +44,23 @@ def _require_grad(module: nn.Module, args, output: Tensor) -> Optional[Tensor]:
     return None
 
 
+@contextlib.contextmanager
+def contiguous_unembed_input(hf_model: nn.Module) -> Iterator[None]:
+    """Give the unembedding a contiguous input while `logits_to_keep` is in use.
+
+    HF slices the kept positions out of the final hidden states, a strided view; torch's
+    matmul then runs the [rows, kept, d_model] x [d_vocab, d_model]^T product as a batched
+    matmul over an expanded weight, several times slower than one matrix product (0.87 s
+    against 0.14 s for 72 rows on SmolLM2). The values are the same.
+    """
+    unembed = hf_model.get_output_embeddings()
+    handle = unembed.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class HookedModel(nn.Module):
     """A causal LM from transformers with named, live hook points.
 
@@ -281,7 +298,9 @@ class HookedModel(nn.Module):
         """Logits [batch, pos, d_vocab] of the HF model, with whatever hooks are attached."""
         tokens, attention_mask = self._prepare(input, attention_mask)
         kwargs.setdefault("use_cache", False)
-        return self.hf_model(input_ids=tokens, attention_mask=attention_mask, **kwargs).logits
+        keep = contiguous_unembed_input(self.hf_model) if kwargs.get("logits_to_keep") else contextlib.nullcontext()
+        with keep:
+            return self.hf_model(input_ids=tokens, attention_mask=attention_mask, **kwargs).logits
 
     def run_with_hooks(
         self,

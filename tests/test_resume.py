@@ -46,3 +46,19 @@ def test_capture_keeps_the_hooks_asked_for(tokens):
     for name in names:
         torch.testing.assert_close(run.acts[name], cache[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(run.resid_pre[0], cache["blocks.0.hook_resid_pre"], atol=0, rtol=0)
+
+
+def test_logits_to_keep_gives_the_full_forwards_last_logits_and_gradients(family, tokens):
+    """HookedModel's logits_to_keep path (contiguous unembedding input) changes no value."""
+    model = make_tiny(family)
+    emb = model.hf_model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    full = model(tokens)[:, -1]
+    full.sum().backward()
+    grad_full = emb.weight.grad.clone()
+    emb.weight.grad = None
+    last = model(tokens, logits_to_keep=1)
+    assert last.shape == (tokens.shape[0], 1, full.shape[-1])
+    last.sum().backward()
+    torch.testing.assert_close(last[:, 0], full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb.weight.grad, grad_full, atol=1e-5, rtol=0)
