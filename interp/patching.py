@@ -253,6 +253,7 @@ def activation_patch(
     store: Optional[CacheStore] = None,
     memory_budget_mb: float = 1024,
     position_buckets: int = 4,
+    skip_unchanged: bool = True,
     progress: bool = False,
 ) -> PatchResult:
     """Exact activation patching of one component at every (layer, pos), (layer, head) or (layer, pos, head).
@@ -264,7 +265,9 @@ def activation_patch(
     `position_buckets` trades forwards for positions skipped (1 = never skip positions).
 
     Patches that write the value already there (source equals run, e.g. before the first token
-    where the prompt pairs differ) are not run: their metric is the run's own.
+    where the prompt pairs differ) are not run: their metric is the run's own, and every other
+    patch starts at the first position it changes. `skip_unchanged=False` runs every patch, from
+    its own position (by position) or from position 0 (by head), as if the pairs shared nothing.
     """
     comp = component(component_name)
     by = _check_by(comp, by)
@@ -288,7 +291,7 @@ def activation_patch(
     starts: dict[int, int] = {}
     for i, (layer, pos, head) in enumerate(indices):
         name = comp.hook_name(layer)
-        start = first_change(sources[name], run.acts[name], comp.layout, pos, head)
+        start = first_change(sources[name], run.acts[name], comp.layout, pos, head) if skip_unchanged else (pos or 0)
         if start is not None:
             starts[i] = start if skip_positions else 0
             by_layer.setdefault(layer, []).append(i)

@@ -149,6 +149,12 @@ def test_no_op_patches_are_not_run_and_patches_resume_at_their_first_change(monk
     assert sum(len(groups) for *_, groups in runs) == model.cfg.n_layers * model.cfg.n_heads
     torch.testing.assert_close(z.values, naive_sweep(model, "z", "head", clean, corrupted, metric), atol=1e-4, rtol=0)
 
+    runs.clear()
+    every = activation_patch(model, "z", clean, corrupted, metric, by="head", skip_unchanged=False)
+    assert {start for _, _, start, _ in runs} == {0}
+    assert sum(len(groups) for *_, groups in runs) == model.cfg.n_layers * model.cfg.n_heads
+    torch.testing.assert_close(every.values, z.values, atol=1e-5, rtol=0)
+
 
 def test_noising_and_normalisation():
     model = make_tiny("llama")
