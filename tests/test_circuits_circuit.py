@@ -69,13 +69,19 @@ def test_json_round_trip_and_drawing(tmp_path):
         c.edge_mask(Graph(3, 2, 1))
 
 
+def one_token_task(seed: int, n: int, pos: int) -> PromptPairs:
+    """n random 6-token prompts, corrupted at one position, with random (correct, wrong) answers."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 100, (n, 6), generator=gen)
+    corr = clean.clone()
+    corr[:, pos] = torch.randint(4, 100, (n,), generator=gen)
+    return PromptPairs(clean, corr, torch.randint(4, 100, (n, 2), generator=gen))
+
+
 def test_faithfulness_endpoints_and_curve():
     m = make_tiny("llama")
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, 100, (4, 6), generator=gen)
-    corr = clean.clone()
-    corr[:, 1] = torch.randint(4, 100, (4,), generator=gen)
-    task = PromptPairs(clean, corr, torch.randint(4, 100, (4, 2), generator=gen))
+    task = one_token_task(seed=0, n=4, pos=1)
+    clean = task.clean_tokens
     sc = edge_attribution(m, task)
     f = Faithfulness(m, task, batch_size=3)  # two batches
     g = f.graph
@@ -99,11 +105,7 @@ def test_greedy_prunes_parentless_edges_without_changing_faithfulness():
     input. That node reads the corrupted residual stream, so its edge carries the corrupted output kept or not:
     pruning it shrinks the circuit and leaves the exact patched run unchanged."""
     m = make_tiny("llama")
-    gen = torch.Generator().manual_seed(1)
-    clean = torch.randint(4, 100, (3, 6), generator=gen)
-    corr = clean.clone()
-    corr[:, 2] = torch.randint(4, 100, (3,), generator=gen)
-    task = PromptPairs(clean, corr, torch.randint(4, 100, (3, 2), generator=gen))
+    task = one_token_task(seed=1, n=3, pos=2)
     f = Faithfulness(m, task)
     g = f.graph
     # a0.h1 -> a1.h0<q> is picked (a1.h0 is in the circuit) but nothing feeds a0.h1
