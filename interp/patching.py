@@ -206,25 +206,28 @@ def _row_bytes(model: HookedModel, n_pos: int, kept: int, eager_pattern: bool) -
     return 4 * (n_pos * per_pos + kept * cfg.d_vocab)
 
 
-def first_change(src: Tensor, run: Tensor, layout: str, pos: Optional[int], head: Optional[int]) -> Optional[int]:
-    """The first position a patch changes, or None when the source equals the run there (a no-op).
+def changed_positions(src: Tensor, run: Tensor, layout: str) -> Tensor:
+    """Where a patch would change the run: Bool[Tensor, "pos head"] ("pos 1" for the residual stream).
 
-    Attention is causal, so a patched forward is the run itself before that position: it can
-    resume there. Prompt pairs that differ in one token (IOI, factual recall) share every
-    activation before that token, so most of a sweep's patches there are no-ops.
-    src / run: one layer's activation of the source and run sets, in `layout`.
+    src / run: one layer's activation of the source and run sets, in `layout`; for a pattern the
+    position is the query row. Prompt pairs that differ in one token share every activation
+    before it (attention is causal), so this is False there.
     """
-    if layout == "resid":
-        return None if torch.equal(src[:, pos], run[:, pos]) else pos
-    if layout == "pattern":  # [b, head, q, k]: position = query row
-        src, run = src[:, head].transpose(1, 2), run[:, head].transpose(1, 2)  # [b, k, q]
-        differs = (src != run).any(dim=1).any(dim=0)
-    else:  # [b, pos, head, d]
-        differs = (src[:, :, head] != run[:, :, head]).any(dim=-1).any(dim=0)
+    differs = src.to(run.device) != run
+    if layout == "resid":  # [b, pos, d]
+        return differs.any(dim=-1).any(dim=0)[:, None]
+    if layout == "pattern":  # [b, head, q, k]
+        return differs.any(dim=-1).any(dim=0).T
+    return differs.any(dim=-1).any(dim=0)  # [b, pos, head, d]
+
+
+def first_change(changed: Tensor, pos: Optional[int], head: Optional[int]) -> Optional[int]:
+    """The first position the patch at (pos, head) changes, or None when it changes nothing."""
+    column = changed[:, 0 if head is None else head]
     if pos is not None:
-        return pos if bool(differs[pos]) else None
-    changed = differs.nonzero()
-    return int(changed[0]) if len(changed) else None
+        return pos if bool(column[pos]) else None
+    hits = column.nonzero()
+    return int(hits[0]) if len(hits) else None
 
 
 def _chunks(items: list, starts: dict, max_items: int, buckets: int) -> list[list]:
@@ -277,7 +280,13 @@ def activation_patch(
     n, n_pos = run_t.shape
     names = [comp.hook_name(l) for l in range(model.cfg.n_layers)]
     sources = source_activations(model, source_t, names, store)
-    run = capture_run(model, run_t, keep=names)
+    changed: dict[str, Tensor] = {}  # per layer, a small map rather than a second copy of the activations
+
+    def record_changes(x: Tensor, hook) -> None:
+        changed[hook.name] = changed_positions(sources[hook.name], x, comp.layout)
+
+    with model.hooks(fwd_hooks=[(n, record_changes) for n in names]):
+        run = capture_run(model, run_t)
     run_m = corrupted_m if direction == "denoising" else clean_m
 
     last_only = bool(getattr(metric, "last_position_only", False))
@@ -291,7 +300,7 @@ def activation_patch(
     starts: dict[int, int] = {}
     for i, (layer, pos, head) in enumerate(indices):
         name = comp.hook_name(layer)
-        start = first_change(sources[name], run.acts[name], comp.layout, pos, head) if skip_unchanged else (pos or 0)
+        start = first_change(changed[name], pos, head) if skip_unchanged else (pos or 0)
         if start is not None:
             starts[i] = start if skip_positions else 0
             by_layer.setdefault(layer, []).append(i)

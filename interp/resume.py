@@ -14,8 +14,8 @@ that returns the cached residual stream; the HF model's own forward does everyth
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +37,6 @@ class RunState:
     resid_pre: list[Tensor]
     keys: Optional[list[Tensor]]
     values: Optional[list[Tensor]]
-    acts: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def can_resume_positions(self) -> bool:
@@ -52,10 +51,9 @@ def _position_resumable(model: HookedModel) -> bool:
 
 
 @torch.no_grad()
-def capture_run(model: HookedModel, tokens: Tensor, keep: Sequence[str] = ()) -> RunState:
-    """One forward of `tokens` that records resid_pre at every layer, the KV cache, and the hooks in `keep` (in `acts`)."""
-    resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
-    names = list(dict.fromkeys(resid_names + list(keep)))
+def capture_run(model: HookedModel, tokens: Tensor) -> RunState:
+    """One forward of `tokens` that records resid_pre at every layer and the KV cache."""
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
     resumable = _position_resumable(model)
     store: dict[str, Tensor] = {}
 
@@ -69,7 +67,7 @@ def capture_run(model: HookedModel, tokens: Tensor, keep: Sequence[str] = ()) ->
         layers = out.past_key_values.layers
         keys = [layer.keys for layer in layers]
         values = [layer.values for layer in layers]
-    return RunState(tokens, [store[n] for n in resid_names], keys, values, {n: store[n] for n in keep})
+    return RunState(tokens, [store[n] for n in names], keys, values)
 
 
 @contextlib.contextmanager

@@ -37,17 +37,6 @@ def test_sliding_window_models_resume_only_at_position_zero(tokens):
         forward_from(model, run, 1, start_pos=2)
 
 
-def test_capture_keeps_the_hooks_asked_for(tokens):
-    model = make_tiny("llama")
-    names = ["blocks.1.attn.hook_z", "blocks.0.hook_resid_pre"]
-    run = capture_run(model, tokens, keep=names)
-    _, cache = model.run_with_cache(tokens, names_filter=names)
-    assert set(run.acts) == set(names)
-    for name in names:
-        torch.testing.assert_close(run.acts[name], cache[name], atol=1e-6, rtol=0)
-    torch.testing.assert_close(run.resid_pre[0], cache["blocks.0.hook_resid_pre"], atol=0, rtol=0)
-
-
 def test_logits_to_keep_gives_the_full_forwards_last_logits_and_gradients(family, tokens):
     """HookedModel's logits_to_keep path (contiguous unembedding input) changes no value."""
     model = make_tiny(family)
