@@ -211,6 +211,11 @@ def _proj(module: torch.nn.Linear, index: int, d_head: int, x: Tensor) -> Tensor
     return F.linear(x, module.weight[rows], bias)
 
 
+def _subtract_kept(n_kept: int, n_corrupt: int) -> bool:
+    """Sum a receiver's corrupted edges as (all upstream - kept) when that is the shorter sum."""
+    return n_kept < n_corrupt
+
+
 def patched_logits(
     model,
     graph: Graph,
@@ -241,20 +246,38 @@ def patched_logits(
     parts = model.adapter.layers
     d_head = model.cfg.d_head
     H = graph.n_heads
-    # diff[u] = corrupted_out_u - current_out_u, filled as the forward writes each node's output.
+    # diff[u] = corrupted_out_u - current_out_u, filled as the forward writes each node's output;
+    # total = the float64 sum of every diff written so far. A receiver reads all nodes written
+    # before it, so the sum over its corrupted edges is total minus its kept edges: a small
+    # circuit costs its own edges, not the whole graph's.
     diff = torch.zeros_like(corrupted_outputs)
+    total = torch.zeros(corrupted_outputs.shape[1:], dtype=torch.float64, device=corrupted_outputs.device)
+    written = [0]
     state: dict[str, Tensor] = {}
     r_up = [r.n_upstream for r in graph.receivers]
+    upstream = graph.mask.to(corrupt.device)
+
+    def summed(select: Tensor, r: int) -> Tensor:
+        """Sum of diff over the nodes `select` (Bool["node"]) picks."""
+        idx = select.nonzero(as_tuple=True)[0]
+        if len(idx) < 8:
+            return diff[idx].sum(0)
+        return torch.einsum("u,u...->...", select[: r_up[r]].to(diff.dtype), diff[: r_up[r]])
 
     def delta(r: int) -> Optional[Tensor]:
         row = corrupt[r]
-        if not bool(row.any()):
+        n_corrupt = int(row.sum())
+        if n_corrupt == 0:
             return None
-        idx = row.nonzero(as_tuple=True)[0]
-        return diff[idx].sum(0) if len(idx) < 8 else torch.einsum("u,u...->...", row[: r_up[r]].to(diff.dtype), diff[: r_up[r]])
+        kept = upstream[r] & ~row
+        if _subtract_kept(int(kept.sum()), n_corrupt) and written[0] == r_up[r]:
+            return (total - summed(kept, r).double()).to(diff.dtype)
+        return summed(row, r)
 
     def put(lo: int, hi: int, out: Tensor) -> None:  # out: [n, b, pos, d]
         diff[lo:hi] = corrupted_outputs[lo:hi] - out.to(diff.dtype)
+        total.add_(diff[lo:hi].sum(0, dtype=torch.float64))
+        written[0] = hi
 
     hooks: list[tuple[str, Callable]] = [("hook_embed", lambda x, hook: put(0, 1, x[None]))]
     for l in range(graph.n_layers):

@@ -206,16 +206,21 @@ class HookedModel(nn.Module):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: HookSpec = (), bwd_hooks: HookSpec = ()) -> Iterator["HookedModel"]:
         """Attach hooks for the duration of a `with` block; they are removed on exit, errors included."""
+        # Torch hooks are installed once for the whole set, not once per hook: syncing walks every
+        # site, and experiments attach hundreds of hooks per forward.
         added = []
         try:
             for direction, spec in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                 for name, fn in spec:
-                    self.add_hook(name, fn, direction)
-                    added.append((name, fn, direction))
+                    for n in self.resolve_names(name):
+                        self.hook_dict[n].add(fn, direction, True)
+                        added.append((n, fn, direction))
+            self._sync()
             yield self
         finally:
-            for name, fn, direction in added:
-                self.remove_hook(name, fn, direction)
+            for n, fn, direction in added:
+                self.hook_dict[n].remove(fn, direction)
+            self._sync()
 
     @contextlib.contextmanager
     def kernel_controls(self, controls: dict) -> Iterator["HookedModel"]:

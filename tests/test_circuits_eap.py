@@ -65,6 +65,28 @@ def test_patched_run_endpoints(family):
     torch.testing.assert_close(node_outputs(m, task.clean_tokens, g).sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=0)
 
 
+def test_summing_kept_edges_from_the_total_equals_summing_corrupted_edges(monkeypatch):
+    """A receiver with few kept edges reads total - kept; the direct sum over its corrupted edges must agree."""
+    import interp.circuits.graph as graph_module
+
+    m = make_tiny("llama")
+    g, task = Graph.from_model(m), _task()
+    co = node_outputs(m, task.corrupted_tokens, g)
+    gen = torch.Generator().manual_seed(0)
+    corrupt = g.mask & (torch.rand(g.mask.shape, generator=gen) < 0.7)  # most edges corrupted, some kept
+    # Layer-0 heads read only the input: leave them clean, so that what later receivers keep differs
+    # from its corrupted value (a node with every input corrupted outputs exactly its corrupted value).
+    corrupt[[i for i, r in enumerate(g.receivers) if r.layer == 0 and r.kind != "mlp"]] = False
+    assert any(0 < int((g.mask[r] & ~corrupt[r]).sum()) < int(corrupt[r].sum()) for r in range(len(g.receivers)))
+    fast = patched_logits(m, g, task.clean_tokens, co, corrupt)
+    monkeypatch.setattr(graph_module, "_subtract_kept", lambda n_kept, n_corrupt: False)
+    direct = patched_logits(m, g, task.clean_tokens, co, corrupt)
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        clean = m(task.clean_tokens)
+    assert (fast - clean).abs().max() > 1e-2  # the patch did something
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_eap_is_the_derivative_of_exact_edge_patching(family):
     """With corrupted outputs moved only eps towards their value, exact single-edge patching is linear:
