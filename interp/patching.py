@@ -285,7 +285,7 @@ def activation_patch(
     def record_changes(x: Tensor, hook) -> None:
         changed[hook.name] = changed_positions(sources[hook.name], x, comp.layout)
 
-    with model.hooks(fwd_hooks=[(n, record_changes) for n in names]):
+    with model.hooks(fwd_hooks=[(name, record_changes) for name in names] if skip_unchanged else []):
         run = capture_run(model, run_t)
     run_m = corrupted_m if direction == "denoising" else clean_m
 
