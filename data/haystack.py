@@ -10,7 +10,7 @@ with `random.Random(seed)`, so a (seed, n_tokens, depth) triple always gives the
 
 The layout follows Wu et al.'s NIAH set-up (needle inserted at a sentence boundary of the
 haystack, the question after the haystack) with the answer primed at the end of the question
-("... The special magic number is"), which DESIGN.md records SmolLM2 needs. Every piece is
+("... The special magic number is"), which SmolLM2 needs (docs/metrics.md, retrieval score). Every piece is
 tokenized on its own (each starting with a space) and the ids are concatenated, so the needle's
 token positions are exact by construction, not found afterwards by matching as in Wu et al.'s
 `find_needle_idx`.
@@ -62,7 +62,7 @@ class PasskeyTask:
 
 
 def passkey_task(seed: int, digits: int = 5) -> PasskeyTask:
-    """A random passkey needle (DESIGN.md: SmolLM2 retrieves a 5-digit passkey when primed)."""
+    """A random passkey needle (SmolLM2 retrieves a 5-digit passkey when primed; docs/metrics.md)."""
     rng = random.Random(f"passkey-{seed}")
     answer = str(rng.randrange(10 ** (digits - 1), 10**digits))
     return PasskeyTask(

@@ -19,9 +19,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
-
 from .hooks import HookedModel, contiguous_unembed_input
+from .models.kv_cache import cache_from_key_values, forward_with_cache, key_values
 
 
 @dataclass
@@ -60,13 +59,13 @@ def capture_run(model: HookedModel, tokens: Tensor) -> RunState:
     def save(x: Tensor, hook) -> None:
         store[hook.name] = x.detach().clone()
 
-    with model.hooks(fwd_hooks=[(n, save) for n in names]), contiguous_unembed_input(model.hf_model):
-        out = model.hf_model(input_ids=tokens, use_cache=resumable, logits_to_keep=1)
     keys = values = None
-    if resumable:
-        layers = out.past_key_values.layers
-        keys = [layer.keys for layer in layers]
-        values = [layer.values for layer in layers]
+    with model.hooks(fwd_hooks=[(n, save) for n in names]), contiguous_unembed_input(model.hf_model):
+        if resumable:
+            _, cache = forward_with_cache(model.hf_model, tokens, None, logits_to_keep=1)
+            keys, values = (list(kv) for kv in zip(*key_values(cache)))
+        else:
+            model.hf_model(input_ids=tokens, use_cache=False, logits_to_keep=1)
     return RunState(tokens, [store[n] for n in names], keys, values)
 
 
@@ -106,15 +105,18 @@ def forward_from(
     if start_pos:
         # Skipped blocks never read their cache, which only has to tell the model how many
         # positions came before: a one-row view will do there, instead of `copies` copies.
-        cache = DynamicCache(
-            ddp_cache_data=[
+        cache = cache_from_key_values(
+            [
                 (k[:, :, :start_pos].repeat(copies, 1, 1, 1), v[:, :, :start_pos].repeat(copies, 1, 1, 1)) if i >= layer
                 else (k[:1, :, :start_pos], v[:1, :, :start_pos])
                 for i, (k, v) in enumerate(zip(run.keys, run.values))
             ],
-            config=model.hf_model.config,
+            model.hf_model,
         )
     resid = run.resid_pre[layer][:, start_pos:].repeat(copies, 1, 1)
     with _skip_blocks(model, layer, resid), contiguous_unembed_input(model.hf_model):
-        out = model.hf_model(input_ids=tokens, past_key_values=cache, use_cache=cache is not None, logits_to_keep=logits_to_keep)
+        if cache is None:
+            out = model.hf_model(input_ids=tokens, use_cache=False, logits_to_keep=logits_to_keep)
+        else:
+            out, _ = forward_with_cache(model.hf_model, tokens, cache, logits_to_keep=logits_to_keep)
     return out.logits

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..data.haystack import Haystack, build_haystack, passkey_task
+from ..models.kv_cache import forward_with_cache
 
 CORRECT_RECALL = 0.5  # Wu et al.: a sample counts when ROUGE-1 recall > 50 (%)
 
@@ -82,15 +83,14 @@ def greedy_decode(model, input_ids: Tensor, max_new_tokens: int, argmax_source=N
         raise ValueError(f"input_ids must be [batch, pos] with pos >= 2, got shape {tuple(input_ids.shape)}")
     hf = model.hf_model
     ids = input_ids.to(model.device)
-    pre = hf(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
-    past, step_in = pre.past_key_values, ids[:, -1:]
-    del pre
+    _, past = forward_with_cache(hf, ids[:, :-1], None, logits_to_keep=1)
+    step_in = ids[:, -1:]
     tokens, rows = [], []
     ctx = argmax_source if argmax_source is not None else _Nothing()
     with ctx:
         for step in range(max_new_tokens):
-            out = hf(input_ids=step_in, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+            out, past = forward_with_cache(hf, step_in, past)
+            nxt = out.logits[:, -1].argmax(-1)
             tokens.append(nxt)
             if argmax_source is not None:
                 rows.append(argmax_source.read(ids.shape[1] + step))

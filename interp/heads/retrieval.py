@@ -1,6 +1,6 @@
 """Retrieval heads (Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality", 2024).
 
-Retrieval score, as DESIGN.md defines it and their Retrieval_Head code computes it
+Retrieval score, as docs/metrics.md defines it and their Retrieval_Head code computes it
 (`retrieval_calculate`): during greedy NIAH decoding, a query head scores a copy event at a
 step when the key position it attends to most (top-1 of its current query row) lies inside the
 needle span and the prompt token there equals the token generated at that step; each event

@@ -1,6 +1,6 @@
 """Attention sinks and the other extreme-token phenomena, per (layer, head).
 
-Definitions (DESIGN.md):
+Definitions (docs/metrics.md):
 
 - Gu et al. 2024, "When Attention Sink Emerges in Language Models: An Empirical View":
   alpha_h^l(k) = mean over the queries i >= k of A^{l,h}[i, k] = sum_i A[i, k] / (T - k)

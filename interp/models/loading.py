@@ -7,8 +7,9 @@ tokenizer). Never a network call: the HF offline switches are set when `interp` 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -122,6 +123,20 @@ def _tokenizer_or_none(directory: Path):
         return None
 
 
+@contextlib.contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """No "Loading weights" bar: reading a converted safetensors checkpoint takes under a second."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_dir(directory: Path, tokenizer, dtype: torch.dtype, attn: str):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,7 +144,8 @@ def _from_dir(directory: Path, tokenizer, dtype: torch.dtype, attn: str):
     config = AutoConfig.from_pretrained(directory)
     _check_family(config)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+        with _quiet_weight_loading():
+            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"could not load the checkpoint in {directory}: {e}") from e
     return hf.eval(), tokenizer or _tokenizer_or_none(directory)
