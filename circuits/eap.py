@@ -28,11 +28,14 @@ last ``hook_resid_post`` for the logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp.metrics import require_last_position
 
 from .graph import Graph, node_outputs
 from .tasks.base import PromptPairs
@@ -77,16 +80,32 @@ def last_only(task) -> bool:
     return bool(getattr(task, "last_position_only", True))
 
 
-def _kw(last: bool) -> dict:
+def _kw(last: Union[bool, Tensor]) -> dict:
+    """Forward kwargs for what the metric reads: the final position (True), every position (False),
+    or each row's last real token (Long[Tensor, "batch"], a padded batch)."""
+    if isinstance(last, Tensor):
+        return {"logits_to_keep": last[:, None]}
     return {"logits_to_keep": 1} if last else {}
 
 
+def readout(task, metric: Optional[Metric], where: str) -> Union[bool, Tensor]:
+    """What the metric is handed (see `_kw`): a padded task is read at each prompt's last real token,
+    which a caller's metric must accept by saying `last_position_only = True`; else refused."""
+    if getattr(task, "padded", False):
+        last = task.last_positions
+        if metric is not None:
+            require_last_position(metric, last, where)
+        return last
+    return last_only(task) if metric is None else False
+
+
 def receiver_gradients(model, graph: Graph, tokens: Tensor, metric: Metric, embed: Optional[Tensor] = None,
-                       last_position_only: bool = False) -> tuple[Tensor, float]:
+                       last_position_only: Union[bool, Tensor] = False) -> tuple[Tensor, float]:
     """Gradient of `metric` with respect to every receiver's own input, from one forward and one backward.
 
     embed: Float[Tensor, "batch pos d_model"] to use in place of the token embeddings (EAP-IG).
-    last_position_only: the metric reads the final position only (logits [batch, 1, vocab]).
+    last_position_only: the metric reads the final position only (logits [batch, 1, vocab]); or
+    Long[Tensor, "batch"], each row's last real token of a right-padded batch (logits [batch, 1, vocab] there).
     Returns (Float[Tensor, "receiver batch pos d_model"], metric value).
     """
     L, H = graph.n_layers, graph.n_heads
@@ -153,6 +172,7 @@ def edge_attribution(
     steps: int = 8,
     metric: Optional[Metric] = None,
     graph: Optional[Graph] = None,
+    progress: bool = True,
 ) -> EdgeScores:
     """Score every edge of the model's graph on a task.
 
@@ -162,22 +182,32 @@ def edge_attribution(
     only the final position, as PromptPairs' logit difference does, the model unembeds that
     position alone). A caller's metric gets the full logits [n, pos, vocab].
     Returns EdgeScores; `.frame()` is the tidy table.
+
+    Padding (supported): a task with a right-padded `attention_mask` is read at each prompt's
+    last real token (a caller's metric must then have `last_position_only = True` and gets
+    logits [n, 1, vocab] there); positions past it get zero gradient, so the scores equal the
+    mean of each prompt's own. `progress`: a tqdm bar over the forwards and gradient steps.
     """
     if method not in ("eap", "eap-ig"):
         raise ValueError(f"method must be 'eap' or 'eap-ig', got {method!r}")
     if method == "eap-ig" and steps < 1:
         raise ValueError(f"steps must be >= 1 for EAP-IG, got {steps}")
     graph = graph or Graph.from_model(model)
-    last = last_only(task) if metric is None else False
+    last = readout(task, metric, "edge_attribution")
+    last = last.to(model.device) if isinstance(last, Tensor) else last
     metric = _task_metric(task, metric)
     clean = task.clean_tokens.to(model.device)
     corrupted = task.corrupted_tokens.to(model.device)
+    n_grads = 1 if method == "eap" else steps
+    bar = tqdm(total=2 + n_grads, desc=method.upper(), disable=not progress)
     clean_out = node_outputs(model, clean, graph)
     corr_out = node_outputs(model, corrupted, graph)
+    bar.update(2)
     with torch.no_grad():
         corr_metric = float(metric(model(corrupted, **_kw(last))))
     if method == "eap":
         grad, clean_metric = receiver_gradients(model, graph, clean, metric, last_position_only=last)
+        bar.update(1)
     else:
         e_clean, e_corr = clean_out[0], corr_out[0]
         grad = None
@@ -186,10 +216,12 @@ def edge_attribution(
             g, _ = receiver_gradients(model, graph, clean, metric, embed=e_corr + alpha * (e_clean - e_corr),
                                       last_position_only=last)
             grad = g if grad is None else grad + g
+            bar.update(1)
         grad = grad / steps
         with torch.no_grad():
             clean_metric = float(metric(model(clean, **_kw(last))))
     diff = (corr_out - clean_out).float().flatten(1)  # [node, b*pos*d]
     scores = grad.flatten(1) @ diff.T  # [receiver, node]
     scores = scores * graph.mask.to(scores.device)
+    bar.close()
     return EdgeScores(graph, scores.cpu(), method, clean_metric, corr_metric)

@@ -15,9 +15,10 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .circuit import Circuit, greedy, top_n
-from .eap import EdgeScores, _kw, last_only
+from .eap import EdgeScores, _kw, readout
 from .graph import Graph, node_outputs, patched_logits
 from .tasks.base import PromptPairs
 
@@ -28,6 +29,10 @@ class Faithfulness:
     """Evaluates circuits on one task; the corrupted outputs and the two baselines are computed once.
 
     `batch_size` splits the prompts (each batch is one patched forward per circuit).
+
+    Padding (supported): a task with a right-padded `attention_mask` is read at each prompt's
+    last real token, as if each prompt ran alone (a caller's metric must then have
+    `last_position_only = True` and gets logits [n, 1, vocab] there).
     """
 
     def __init__(self, model, task: PromptPairs, metric: Optional[Metric] = None, graph: Optional[Graph] = None,
@@ -38,17 +43,22 @@ class Faithfulness:
         # A caller's metric sees the whole prompt set at once; the task's own is split by batch.
         self.batch_size = batch_size if metric is None else len(task)
         self._own_metric = metric is None
-        self._kw = _kw(last_only(task) and metric is None)
+        self._reads = readout(task, metric, "Faithfulness")
         dev = model.device
         self._batches = [slice(i, min(i + self.batch_size, len(task))) for i in range(0, len(task), self.batch_size)]
         self._corr = [node_outputs(model, task.corrupted_tokens[b].to(dev), self.graph) for b in self._batches]
         with torch.no_grad():
-            self.clean_metric = self._mean(lambda b, i: model(task.clean_tokens[b].to(dev), **self._kw))
-            self.corrupted_metric = self._mean(lambda b, i: model(task.corrupted_tokens[b].to(dev), **self._kw))
+            self.clean_metric = self._mean(lambda b, i: model(task.clean_tokens[b].to(dev), **self._kw(b)))
+            self.corrupted_metric = self._mean(lambda b, i: model(task.corrupted_tokens[b].to(dev), **self._kw(b)))
         if abs(self.clean_metric - self.corrupted_metric) < 1e-6:
             raise ValueError(
                 f"clean and corrupted runs score the same ({self.clean_metric:.4g}): there is no gap for a circuit to recover"
             )
+
+    def _kw(self, b: slice) -> dict:
+        """Forward kwargs for the prompts of batch `b` (see `interp.circuits.eap._kw`)."""
+        reads = self._reads
+        return _kw(reads[b].to(self.model.device) if isinstance(reads, Tensor) else reads)
 
     def _mean(self, logits_of) -> float:
         total = 0.0
@@ -62,7 +72,7 @@ class Faithfulness:
         """The metric on the clean prompts with the edges in `corrupt` (Bool["receiver node"]) corrupted."""
         dev = self.model.device
         return self._mean(lambda b, i: patched_logits(self.model, self.graph, self.task.clean_tokens[b].to(dev),
-                                                      self._corr[i], corrupt, **self._kw))
+                                                      self._corr[i], corrupt, **self._kw(b)))
 
     def __call__(self, circuit: Circuit) -> float:
         """Normalised faithfulness of `circuit` (0 = corrupted, 1 = clean)."""
@@ -70,14 +80,14 @@ class Faithfulness:
         value = self.metric_of(self.graph.mask & ~keep)
         return (value - self.corrupted_metric) / (self.clean_metric - self.corrupted_metric)
 
-    def curve(self, scores: EdgeScores, sizes: Sequence[int], how: str = "top_n") -> pd.DataFrame:
+    def curve(self, scores: EdgeScores, sizes: Sequence[int], how: str = "top_n", progress: bool = True) -> pd.DataFrame:
         """Faithfulness against circuit size: one row per n with n_edges (after pruning), share_of_edges,
-        faithfulness and metric."""
+        faithfulness and metric. `progress`: a tqdm bar over the sizes (on stderr)."""
         extract = {"top_n": top_n, "greedy": greedy}
         if how not in extract:
             raise ValueError(f"how must be 'top_n' or 'greedy', got {how!r}")
         rows = []
-        for n in sizes:
+        for n in tqdm(list(sizes), desc=f"faithfulness ({how})", disable=not progress):
             c = extract[how](scores, int(n))
             f = self(c)
             rows.append({"n": int(n), "n_edges": len(c), "share_of_edges": len(c) / self.graph.n_edges,

@@ -70,12 +70,7 @@ class HookPoint:
         for reg in self.fwd:
             out = reg.fn(x, hook=self)
             if out is not None:
-                if not isinstance(out, Tensor) or out.shape != x.shape:
-                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise ValueError(
-                        f"hook function on {self.name} returned {got}; it must return None or a tensor "
-                        f"of the activation's shape {tuple(x.shape)}"
-                    )
+                check_returned(self.name, reg.fn, out, x)
                 x = out
         if self.bwd and x.requires_grad:
             # The autograd hook must live on the tensor the model goes on to use.
@@ -86,6 +81,28 @@ class HookPoint:
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
+
+
+def _fn_name(fn: HookFn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def check_returned(name: str, fn: HookFn, out, x: Tensor) -> None:
+    """Refuse what a hook function returned unless it is a tensor of the activation's shape, dtype and device."""
+    where = f"hook function {_fn_name(fn)!r} on {name}"
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{where} returned {got}; it must return None or a tensor of the activation's shape {tuple(x.shape)}")
+    if out.dtype != x.dtype:
+        raise ValueError(
+            f"{where} returned a {out.dtype} tensor; it must return the activation's dtype {x.dtype} "
+            f"(convert with .to(x.dtype))"
+        )
+    if out.device != x.device:
+        raise ValueError(
+            f"{where} returned a tensor on device {out.device}; it must stay on the activation's device {x.device} "
+            f"(move it with .to(x.device))"
+        )
 
 
 def unknown_hook_error(name: str, known: list[str]) -> KeyError:

@@ -61,6 +61,85 @@ def contiguous_unembed_input(hf_model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def _keeps_some(logits_to_keep) -> bool:
+    """Whether HF's `logits_to_keep` selects a subset of positions (an int > 0 or a tensor of positions)."""
+    return isinstance(logits_to_keep, Tensor) or bool(logits_to_keep)
+
+
+def _texts(input) -> list[str]:
+    """A prompt or a list (any iterable) of prompts as a list of strings."""
+    if isinstance(input, str):
+        return [input]
+    try:
+        texts = list(input)
+    except TypeError:
+        texts = None
+    if texts is not None and all(isinstance(t, str) for t in texts):
+        if not texts:
+            raise ValueError("no prompts: the list of strings is empty")
+        return texts
+    kinds = f" of {', '.join(sorted({type(t).__name__ for t in texts}))}" if texts else ""
+    raise TypeError(
+        f"input must be a string, a list of strings or a tensor of token ids, got {type(input).__name__}{kinds} "
+        "(for ids, pass torch.tensor(ids))"
+    )
+
+
+def _check_not_empty_texts(texts: list[str], mask: Tensor) -> None:
+    lengths = mask.sum(dim=1).tolist() if mask.numel() else [0] * len(texts)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt {i} ({texts[i]!r}) tokenizes to no tokens: there is nothing to run; pass non-empty text")
+
+
+def check_tokens(tokens: Tensor, d_vocab: int) -> Tensor:
+    """Token ids as Long[Tensor, "batch pos"]: rank 1 (one prompt) or 2, integer, non-empty, inside [0, d_vocab)."""
+    if tokens.ndim not in (1, 2):
+        raise ValueError(
+            f"token ids must be [pos] (one prompt) or [batch, pos], got a tensor of shape {tuple(tokens.shape)}; "
+            "drop the extra dimensions (e.g. tokens.squeeze(0) or tokens.reshape(-1, tokens.shape[-1]))"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers (torch.long), got {tokens.dtype}; convert with tokens.long()")
+    tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+    if tokens.numel() == 0:
+        raise ValueError(
+            f"empty input: the token ids have shape {tuple(tokens.shape)}, and a forward needs at least one prompt "
+            "of at least one token"
+        )
+    lo, hi = torch.aminmax(tokens)
+    if int(lo) < 0 or int(hi) >= d_vocab:
+        where = ((tokens < 0) | (tokens >= d_vocab)).nonzero()[0].tolist()
+        raise ValueError(
+            f"token id {int(tokens[where[0], where[1]])} at [{where[0]}, {where[1]}] is outside the model's vocabulary "
+            f"of {d_vocab} ids (valid ids are 0 to {d_vocab - 1}); were the ids made by another model's tokenizer?"
+        )
+    return tokens.long()
+
+
+def check_mask(mask: Tensor, tokens: Tensor) -> Tensor:
+    """An attention mask of the tokens' shape, holding 0 (padding) and 1 (token), with a token in every row."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor of the tokens' shape {tuple(tokens.shape)}, got {type(mask).__name__}")
+    if mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape {tuple(tokens.shape)}: "
+            "the mask needs one 0/1 entry per token (use the mask the tokenizer returned with these tokens)"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token), found values {mask.unique().tolist()[:8]}")
+    empty = (mask.sum(dim=1) == 0).nonzero()
+    if len(empty):
+        raise ValueError(f"row {int(empty[0])} of attention_mask is all zeros: that prompt has no tokens to run")
+    return mask
+
+
+def left_padded(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The same prompts with their padding moved to the left (what decoding needs): Long[Tensor, "batch pos"] twice."""
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # pads (0) first, tokens keep their order
+    return tokens.gather(1, order), mask.gather(1, order)
+
+
 class HookedModel(nn.Module):
     """A causal LM from transformers with named, live hook points.
 
@@ -281,14 +360,29 @@ class HookedModel(nn.Module):
             return tok.decode(tokens.tolist())
         return [tok.decode(r.tolist()) for r in tokens]
 
-    def _prepare(self, input: Input, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    def prepare_inputs(self, input: Input, attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Checked token ids Long[Tensor, "batch pos"] and attention mask (or None), on the model's device.
+
+        The one place where every entry point (forward, run_with_hooks, run_with_cache, generate,
+        the patching sweeps) checks what it is given. A string or a list of strings is tokenized
+        (lists are right-padded; the mask comes back when some prompt is padded). A tensor must
+        hold integer ids inside the vocabulary, shaped [pos] (one prompt) or [batch, pos], with at
+        least one position. A mask must have the tokens' shape, hold 0/1 and keep a token per row.
+        """
         if isinstance(input, Tensor):
-            tokens = input if input.ndim == 2 else input.unsqueeze(0)
-            return tokens.to(self.device), attention_mask
-        tokens, mask = self.to_tokens_and_mask(input)
-        if attention_mask is None and not bool(mask.all()):
-            attention_mask = mask
-        return tokens, attention_mask
+            tokens = check_tokens(input, self.cfg.d_vocab)
+            if isinstance(attention_mask, Tensor) and input.ndim == 1 and attention_mask.ndim == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        else:
+            texts = _texts(input)
+            tokens, mask = self.to_tokens_and_mask(texts)
+            _check_not_empty_texts(texts, mask)
+            tokens = check_tokens(tokens, self.cfg.d_vocab)
+            if attention_mask is None and not bool(mask.all()):
+                attention_mask = mask
+        if attention_mask is not None:
+            attention_mask = check_mask(attention_mask, tokens).to(self.device)
+        return tokens.to(self.device), attention_mask
 
     # ------------------------------------------------------------------ running
     @property
@@ -301,9 +395,9 @@ class HookedModel(nn.Module):
 
     def forward(self, input: Input, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
         """Logits [batch, pos, d_vocab] of the HF model, with whatever hooks are attached."""
-        tokens, attention_mask = self._prepare(input, attention_mask)
+        tokens, attention_mask = self.prepare_inputs(input, attention_mask)
         kwargs.setdefault("use_cache", False)
-        keep = contiguous_unembed_input(self.hf_model) if kwargs.get("logits_to_keep") else contextlib.nullcontext()
+        keep = contiguous_unembed_input(self.hf_model) if _keeps_some(kwargs.get("logits_to_keep")) else contextlib.nullcontext()
         with keep:
             return self.hf_model(input_ids=tokens, attention_mask=attention_mask, **kwargs).logits
 
@@ -363,16 +457,46 @@ class HookedModel(nn.Module):
         return logits, cache
 
     @torch.no_grad()
-    def generate(self, input: Input, max_new_tokens: int = 16, **kwargs) -> Tensor:
-        """Greedy decoding (HF's `generate`, KV cache on) with the attached hooks active."""
-        tokens, mask = self._prepare(input, None)
-        kwargs.setdefault("do_sample", False)
+    def generate(
+        self,
+        input: Input,
+        max_new_tokens: int = 16,
+        return_type: str = "input",
+        attention_mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Union[str, list[str], Tensor]:
+        """Greedy decoding (HF's `generate`, KV cache on) with the attached hooks active.
+
+        Output follows TransformerLens's `generate` (return_type="input"): a string in gives a
+        string out (prompt and continuation, decoded without special tokens), a list of strings
+        gives a list of strings, token ids in give token ids out, Long[Tensor, "batch pos+new"].
+        `return_type="str"` or `"tokens"` asks for one form whatever the input. Prompts of unequal
+        length are padded on the left for decoding. Other keyword arguments go to HF's `generate`.
+        """
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        tokens, mask = self.prepare_inputs(input, attention_mask)
         if mask is None:
             mask = torch.ones_like(tokens)
+        elif not isinstance(input, Tensor):
+            tokens, mask = left_padded(tokens, mask)
+        kwargs.setdefault("do_sample", False)
         pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
-        return self.hf_model.generate(
+        out = self.hf_model.generate(
             input_ids=tokens, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
         )
+        as_text = return_type == "str" or (return_type == "input" and not isinstance(input, Tensor))
+        if not as_text:
+            return out
+        texts = self._decode_generated(out, mask)
+        return texts[0] if isinstance(input, str) else texts
+
+    def _decode_generated(self, out: Tensor, prompt_mask: Tensor) -> list[str]:
+        """One string per row of generate's output, the prompt's padding left out."""
+        tok = self._require_tokenizer()
+        new = out.shape[1] - prompt_mask.shape[1]
+        keep = torch.cat([prompt_mask.bool(), torch.ones(out.shape[0], new, dtype=torch.bool, device=out.device)], dim=1)
+        return [tok.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
 
     # ------------------------------------------------------------------ model pieces used by experiments
     def apply_final_norm(self, resid: Tensor) -> Tensor:

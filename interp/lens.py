@@ -11,10 +11,12 @@ shape, so it equals the model's logits bit for bit.
 
     frame = logit_lens_frame(model, "The Eiffel Tower is in the city of", targets=[" Paris"])
     interp.viz.lens_heatmap(frame).show()
+    print(readable_lens_table(logit_lens_table(model, "The Eiffel Tower is in the city of", targets=[" Paris"])))
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterator, Optional, Sequence, Union
 
 import pandas as pd
@@ -35,7 +37,7 @@ def lens_components(model: HookedModel) -> list[tuple[str, str]]:
 
 
 def _residuals(model: HookedModel, input: Input, attention_mask: Optional[Tensor]) -> tuple[Tensor, list[Tensor], list[str]]:
-    tokens, mask = model._prepare(input, attention_mask)
+    tokens, mask = model.prepare_inputs(input, attention_mask)
     comps = lens_components(model)
     _, cache = model.run_with_cache(tokens, names_filter=[h for _, h in comps], attention_mask=mask)
     return tokens, [cache[h] for _, h in comps], [label for label, _ in comps]
@@ -61,6 +63,27 @@ def logit_lens_logits(
     return torch.stack([lens_logits(model, r) for r in resids]), tokens, labels
 
 
+def _encode(model: HookedModel, text: str) -> list[int]:
+    return model._require_tokenizer().encode(text, add_special_tokens=False)
+
+
+def target_pieces(model: HookedModel, target: str) -> list[str]:
+    """The tokens a target string encodes to, decoded one by one (a usable target has exactly one)."""
+    return _decode(model, _encode(model, target))
+
+
+def space_variant(model: HookedModel, target: str) -> Optional[str]:
+    """`" " + target` when that is one token other than `target`: the form a word takes after a space.
+
+    "Paris" and " Paris" are different tokens; in running text ("the city of Paris") the model
+    predicts " Paris", so a target written without its space reads as near zero probability.
+    """
+    if not target or target[0].isspace():
+        return None
+    spaced = _encode(model, " " + target)
+    return " " + target if len(spaced) == 1 and spaced != _encode(model, target) else None
+
+
 def _target_ids(model: HookedModel, targets: Optional[Sequence[Target]]) -> list[tuple[str, int]]:
     out = []
     for t in targets or []:
@@ -70,13 +93,12 @@ def _target_ids(model: HookedModel, targets: Optional[Sequence[Target]]) -> list
             name = model.tokenizer.decode([t]) if model.tokenizer is not None else str(t)
             out.append((name, t))
             continue
-        ids = model._require_tokenizer().encode(t, add_special_tokens=False)
+        ids = _encode(model, t)
         if len(ids) != 1:
-            pieces = [model.tokenizer.decode([i]) for i in ids]
-            raise ValueError(
-                f"target {t!r} is {len(ids)} tokens {pieces}, not one; pass a single token "
-                "(mind the leading space, e.g. ' Paris') or its id"
-            )
+            spaced = space_variant(model, t)
+            fix = (f"{spaced!r}, with a leading space, is one token: pass that" if spaced
+                   else "pass a single token (mind the leading space, e.g. ' Paris') or its id")
+            raise ValueError(f"target {t!r} is {len(ids)} tokens {_decode(model, ids)}, not one; {fix}")
         out.append((t, ids[0]))
     return out
 
@@ -203,3 +225,39 @@ def logit_lens_table(
     rows, _ = _lens_rows(model, input, [position], top_k, targets, 0, None, None)
     frame = pd.DataFrame(rows).drop(columns=["pos", "token"])
     return frame
+
+
+def _is_token_column(name: str) -> bool:
+    return name == "token" or re.fullmatch(r"top\d+", name) is not None
+
+
+def _readable_name(name: str) -> str:
+    if name == "kl_to_final":
+        return "kl_to_final (nats)"
+    rank = re.fullmatch(r"rank\((.*)\)", name)
+    return f"rank of {rank.group(1)} (0 = top1)" if rank else name
+
+
+def _format_p(p: float) -> str:
+    """Three decimals, or two significant digits below 0.001, so a small probability never reads as 0."""
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def readable_lens_table(table: pd.DataFrame) -> str:
+    """A lens table or frame as text for people (what `interp lens` prints).
+
+    Tokens are quoted with `repr`, so a leading space or a newline shows (`' Paris'`, `'\\n'`);
+    `kl_to_final` is headed `kl_to_final (nats)`; `rank('t')` becomes `rank of 't' (0 = top1)`
+    (the raw 0-based rank: 0 means t is the top token); probabilities keep two significant
+    digits below 0.001. The frame itself is left as it is (raw token strings, numeric values).
+    """
+    shown = table.copy()
+    formatters: dict = {}
+    for name in shown.columns:
+        if _is_token_column(name):
+            shown[name] = [repr(t) for t in shown[name]]
+        elif re.fullmatch(r"p(\d+|\(.*\))", name):
+            formatters[_readable_name(name)] = _format_p
+    shown.columns = [_readable_name(c) for c in shown.columns]
+    with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_rows", 500):
+        return shown.to_string(index=False, formatters=formatters, float_format=lambda x: f"{x:.3f}")

@@ -8,12 +8,61 @@ for the last position's logits alone, which saves the unembedding of every other
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 Metric = Callable[[Tensor], Tensor]
+
+# How to batch prompts of unequal length where padding cannot be read correctly.
+BATCH_BY_LENGTH = "group the prompts by token length (key each by len(model.to_tokens(p)[0])) and make one call per group"
+
+
+def last_real_tokens(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Each prompt's last real token, Long[Tensor, "prompt"], for a right-padded mask; None when nothing is padded.
+
+    Right padding (real tokens first, as `model.to_tokens` pads a list) is the only padding
+    patching reads correctly: with causal attention no real token sees the pads after it, so
+    every real position computes what the prompt alone computes. Any other mask is refused.
+    """
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    right = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    bad = (mask != right).any(dim=1).nonzero()
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(
+            f"attention_mask row {row} is {mask[row].int().tolist()}: only right padding (real tokens first, then "
+            "pads) can be patched, since a prompt's positions must line up with its run alone. Pad on the right "
+            f"(tokenizer.padding_side = 'right', as model.to_tokens does), or {BATCH_BY_LENGTH}"
+        )
+    return lengths - 1
+
+
+def require_last_position(metric: Metric, last: Optional[Tensor], where: str) -> None:
+    """Refuse a padded batch unless the metric reads only the final position (`last_position_only`).
+
+    With padding the final position is a pad for the shorter prompts; a last-position metric is
+    handed logits [prompt, 1, d_vocab] taken at each prompt's own last real token instead.
+    """
+    if last is not None and not getattr(metric, "last_position_only", False):
+        raise ValueError(
+            f"{where}: the batch is padded (its attention_mask has zeros) and the metric "
+            f"{metric_name(metric)!r} does not say it reads only the final position. Padded batches are read at "
+            "each prompt's last real token: give the metric `last_position_only = True` (it then receives logits "
+            f"[prompt, 1, d_vocab] at those tokens), or {BATCH_BY_LENGTH}"
+        )
+
+
+def keep_last(last: Tensor, start: int = 0, copies: int = 1) -> Tensor:
+    """HF's `logits_to_keep` that keeps each row's last real token: Long[Tensor, "copies*prompt 1"].
+
+    For a forward from position `start` of `copies` stacked copies of the prompts (copy-major rows).
+    """
+    return (last - start).repeat(copies)[:, None]
 
 
 def _answers(answer_tokens: Tensor) -> Tensor:

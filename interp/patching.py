@@ -20,6 +20,15 @@ Speed comes from the design, not from tuning:
   one token share every activation before it, so most by-position patches there are no-ops;
 - metrics that read the last position ask the model for that position's logits only.
 
+Padded batches (prompts of unequal length) are supported when right-padded, which is how
+`model.to_tokens` pads a list of strings; pass `attention_mask=` with token ids. Causal attention
+means no real token sees the pads after it, so every forward (also those resumed mid-run, which
+take no mask) computes each prompt's real positions as the prompt alone would, and the metric is
+handed each prompt's logits at its own last real token (HF's `logits_to_keep` with positions).
+This needs a metric that reads only the final position (`last_position_only`, as the built-in
+ones do). Left padding (whose positions would shift) and other metrics are refused with an
+error saying to group prompts by token length.
+
 Attribution patching (Nanda 2023; Syed et al., "Attribution Patching Outperforms Automated
 Circuit Discovery", 2023) is the first-order estimate metric(run) + (source - run) . dmetric/dact,
 for every component at once from two forwards and one backward.
@@ -38,7 +47,15 @@ from tqdm.auto import tqdm
 
 from .cache import CacheStore
 from .hooks import HookedModel, Input
-from .metrics import Metric, _accumulate, make_metric, metric_name
+from .metrics import (
+    Metric,
+    _accumulate,
+    keep_last,
+    last_real_tokens,
+    make_metric,
+    metric_name,
+    require_last_position,
+)
 from .resume import RunState, capture_run, forward_from
 
 
@@ -130,16 +147,31 @@ class PatchResult:
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def prompt_pair(model: HookedModel, clean: Input, corrupted: Input) -> tuple[Tensor, Tensor]:
-    """Token ids of the two prompt sets, which must have the same shape."""
-    clean_t, _ = model._prepare(clean, None)
-    corrupted_t, _ = model._prepare(corrupted, None)
+def prompt_pair(
+    model: HookedModel, clean: Input, corrupted: Input, attention_mask: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Token ids of the two prompt sets, which must have the same shape, and their shared mask (None when unpadded).
+
+    `attention_mask` (Int[Tensor, "prompt pos"]) applies to both sets; prompts given as strings
+    bring their own, and pair i of the two sets must have the same token length.
+    """
+    clean_t, clean_mask = model.prepare_inputs(clean, attention_mask)
+    corrupted_t, corrupted_mask = model.prepare_inputs(corrupted, attention_mask)
     if clean_t.shape != corrupted_t.shape:
         raise ValueError(
             f"clean tokens {tuple(clean_t.shape)} and corrupted tokens {tuple(corrupted_t.shape)} differ in shape: "
             "patching needs prompt pairs of equal token length (check with model.to_str_tokens)"
         )
-    return clean_t, corrupted_t
+    lengths = [m.sum(1) if m is not None else torch.full((clean_t.shape[0],), clean_t.shape[1], device=clean_t.device)
+               for m in (clean_mask, corrupted_mask)]
+    differ = (lengths[0] != lengths[1]).nonzero()
+    if len(differ):
+        i = int(differ[0])
+        raise ValueError(
+            f"clean prompt {i} has {int(lengths[0][i])} tokens but corrupted prompt {i} has {int(lengths[1][i])}: "
+            "patching needs each pair to have the same token length (check with model.to_str_tokens)"
+        )
+    return clean_t, corrupted_t, clean_mask if clean_mask is not None else corrupted_mask
 
 
 def _direction(direction: str, clean: Tensor, corrupted: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,10 +192,16 @@ def source_activations(model: HookedModel, tokens: Tensor, names: Sequence[str],
 
 
 @torch.no_grad()
-def _baselines(model: HookedModel, clean: Tensor, corrupted: Tensor, metric, answer_tokens) -> tuple[Metric, float, float]:
-    clean_logits = model(clean)
+def _baselines(model: HookedModel, clean: Tensor, corrupted: Tensor, metric, answer_tokens,
+               last: Optional[Tensor] = None, where: str = "patching") -> tuple[Metric, float, float]:
+    """(metric, clean metric, corrupted metric); with padding (`last`: each prompt's last real
+    token) the metric reads logits [prompt, 1, d_vocab] at those tokens."""
+    if callable(metric):
+        require_last_position(metric, last, where)
+    kw = {} if last is None else {"logits_to_keep": keep_last(last)}
+    clean_logits = model(clean, **kw)
     metric = make_metric(metric, answer_tokens, clean_logits)
-    return metric, float(metric(clean_logits)), float(metric(model(corrupted)))
+    return metric, float(metric(clean_logits)), float(metric(model(corrupted, **kw)))
 
 
 # ---------------------------------------------------------------------------------------- exact patching
@@ -257,7 +295,8 @@ def activation_patch(
     memory_budget_mb: float = 1024,
     position_buckets: int = 4,
     skip_unchanged: bool = True,
-    progress: bool = False,
+    attention_mask: Optional[Tensor] = None,
+    progress: bool = True,
 ) -> PatchResult:
     """Exact activation patching of one component at every (layer, pos), (layer, head) or (layer, pos, head).
 
@@ -271,11 +310,18 @@ def activation_patch(
     where the prompt pairs differ) are not run: their metric is the run's own, and every other
     patch starts at the first position it changes. `skip_unchanged=False` runs every patch, from
     its own position (by position) or from position 0 (by head), as if the pairs shared nothing.
+
+    Padding (supported): a right-padded batch (strings of unequal length, or token ids with
+    `attention_mask=`) gives each prompt's metric at its own last real token, as if run alone;
+    the metric must read only the final position. A patch past a prompt's last real token leaves
+    that prompt's metric unchanged. Left padding is refused (see the module docstring).
+    `progress`: a tqdm bar over the patches (on stderr).
     """
     comp = component(component_name)
     by = _check_by(comp, by)
-    clean_t, corrupted_t = prompt_pair(model, clean, corrupted)
-    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens)
+    clean_t, corrupted_t, mask = prompt_pair(model, clean, corrupted, attention_mask)
+    last = last_real_tokens(mask)
+    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens, last, "activation_patch")
     run_t, source_t = _direction(direction, clean_t, corrupted_t)
     n, n_pos = run_t.shape
     names = [comp.hook_name(l) for l in range(model.cfg.n_layers)]
@@ -294,6 +340,8 @@ def activation_patch(
     skip_positions = last_only and run.can_resume_positions
     max_groups = max(1, int(memory_budget_mb * 2**20) // (n * _row_bytes(model, n_pos, kept or n_pos, comp.layout == "pattern")))
 
+    # A padded batch reads every prompt at its last real token, so no forward may start after one.
+    latest_start = int(last.min()) if last is not None else n_pos
     indices = _indices(model, comp, by, n_pos)
     values = torch.full((len(indices),), run_m)  # no-op patches keep the run's metric
     by_layer: dict[int, list[int]] = {}
@@ -302,7 +350,7 @@ def activation_patch(
         name = comp.hook_name(layer)
         start = first_change(changed[name], pos, head) if skip_unchanged else (pos or 0)
         if start is not None:
-            starts[i] = start if skip_positions else 0
+            starts[i] = min(start, latest_start) if skip_positions else 0
             by_layer.setdefault(layer, []).append(i)
     bar = tqdm(total=len(indices), desc=f"patching {comp.name}", disable=not progress)
     bar.update(len(indices) - len(starts))
@@ -311,7 +359,8 @@ def activation_patch(
         for chunk in _chunks(members, starts, max_groups, position_buckets if skip_positions else 1):
             groups = [indices[i][1:] for i in chunk]
             start = min(starts[i] for i in chunk)
-            values[chunk] = _run_chunk(model, run, comp, layer, groups, sources[comp.hook_name(layer)], start, metric, kept)
+            values[chunk] = _run_chunk(model, run, comp, layer, groups, sources[comp.hook_name(layer)], start, metric,
+                                       kept if last is None else last)
             bar.update(len(chunk))
     bar.close()
     shape = [model.cfg.n_layers] + [n_pos] * (by != "head") + [_n_heads(model, comp)] * (by != "pos")
@@ -323,12 +372,19 @@ def activation_patch(
 
 
 @torch.no_grad()
-def _run_chunk(model, run: RunState, comp: Component, layer: int, groups, src: Tensor, start: int, metric, kept: int) -> Tensor:
+def _run_chunk(model, run: RunState, comp: Component, layer: int, groups, src: Tensor, start: int, metric,
+               kept: Union[int, Tensor]) -> Tensor:
+    """The metric of each patch in `groups`, Float[Tensor, "group"].
+
+    kept: HF's logits_to_keep (an int) for an unpadded batch, or each prompt's last real token
+    Long[Tensor, "prompt"] for a padded one.
+    """
     def patch(x: Tensor, hook) -> Tensor:
         return _patch(x, src, groups, comp.layout, start)
 
+    keep = kept if isinstance(kept, int) else keep_last(kept, start, len(groups))
     with model.hooks(fwd_hooks=[(comp.hook_name(layer), patch)]):
-        logits = forward_from(model, run, layer, start, copies=len(groups), logits_to_keep=kept)
+        logits = forward_from(model, run, layer, start, copies=len(groups), logits_to_keep=keep)
     logits = logits.view(len(groups), run.tokens.shape[0], *logits.shape[1:])
     return torch.stack([metric(logits[j]).detach().float().cpu() for j in range(len(groups))])
 
@@ -363,6 +419,8 @@ def attribution_patch(
     by: Union[None, str, dict[str, str]] = None,
     direction: str = "denoising",
     store: Optional[CacheStore] = None,
+    attention_mask: Optional[Tensor] = None,
+    progress: bool = True,
 ) -> Union[PatchResult, dict[str, PatchResult]]:
     """Attribution patching: metric(run) + sum((source - run) * dmetric/dact) per patch index.
 
@@ -370,15 +428,22 @@ def attribution_patch(
     set, for every component asked for at once. Same shapes and normalisation as
     `activation_patch`, so a screen here can be confirmed there. `by` is one value or a dict per
     component. Returns a PatchResult, or a dict of them when `components` is a list.
+
+    Padding (supported): as in `activation_patch`, each prompt is read at its own last real
+    token; positions past it get zero gradient, so they add nothing.
+    `progress`: a tqdm bar over the stages (source run, run with backward, one per component).
     """
     names = [components] if isinstance(components, str) else list(components)
     comps = [component(c) for c in names]
     bys = {c.name: _check_by(c, by.get(c.name) if isinstance(by, dict) else by) for c in comps}
-    clean_t, corrupted_t = prompt_pair(model, clean, corrupted)
-    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens)
+    clean_t, corrupted_t, mask = prompt_pair(model, clean, corrupted, attention_mask)
+    last = last_real_tokens(mask)
+    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens, last, "attribution_patch")
     run_t, source_t = _direction(direction, clean_t, corrupted_t)
     hooks = [c.hook_name(l) for c in comps for l in range(model.cfg.n_layers)]
+    bar = tqdm(total=2 + len(comps), desc="attribution patching", disable=not progress)
     sources = source_activations(model, source_t, hooks, store)
+    bar.update(1)
 
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
@@ -390,9 +455,10 @@ def attribution_patch(
         grads[hook.name] = g.detach()
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(h, save_act) for h in hooks], bwd_hooks=[(h, save_grad) for h in hooks]):
-        value = metric(model(run_t))
+        value = metric(model(run_t) if last is None else model(run_t, logits_to_keep=keep_last(last)))
         value.backward()
     run_m = float(value.detach())
+    bar.update(1)
 
     results = {}
     for c in comps:
@@ -402,4 +468,6 @@ def attribution_patch(
         ]
         results[c.name] = PatchResult((run_m + torch.stack(per_layer)).float().cpu(), c.name, axes_of(c, bys[c.name]), direction,
                                       metric_name(metric), clean_m, corrupted_m, _tokens(model, clean_t), method="attribution")
+        bar.update(1)
+    bar.close()
     return results[names[0]] if isinstance(components, str) else results

@@ -20,10 +20,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .cache import CacheStore
 from .hooks import HookedModel, Input
-from .metrics import Metric, metric_name
+from .metrics import Metric, keep_last, last_real_tokens, metric_name
 from .patching import (
     PatchResult,
     _baselines,
@@ -64,18 +65,26 @@ def path_patch(
     freeze_mlps: bool = False,
     store: Optional[CacheStore] = None,
     memory_budget_mb: float = 1024,
+    attention_mask: Optional[Tensor] = None,
+    progress: bool = True,
 ) -> PatchResult:
     """Metric after patching each sender head along the paths to `receivers` (or to the logits).
 
     Returns a PatchResult with values Float[Tensor, "layer head"] over sender heads; senders at
     or after the first receiver's layer have no path and are NaN.
+
+    Padding (supported): a right-padded batch (strings of unequal length, or token ids with
+    `attention_mask=`) gives each prompt's metric at its own last real token, as if run alone;
+    the metric must read only the final position, and left padding is refused (see
+    `interp.patching`). `progress`: a tqdm bar over the sender heads (on stderr).
     """
     cfg = model.cfg
     receivers = list(receivers or [])
     if receivers:
         _check_receivers(model, receivers, receiver_input)
-    clean_t, corrupted_t = prompt_pair(model, clean, corrupted)
-    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens)
+    clean_t, corrupted_t, mask = prompt_pair(model, clean, corrupted, attention_mask)
+    last = last_real_tokens(mask)
+    metric, clean_m, corrupted_m = _baselines(model, clean_t, corrupted_t, metric, answer_tokens, last, "path_patch")
     orig_t, new_t = _direction(direction, clean_t, corrupted_t)  # (run, source)
     n, n_pos = orig_t.shape
     z_names = [Z.format(l) for l in range(cfg.n_layers)]
@@ -88,17 +97,26 @@ def path_patch(
     values = torch.full((cfg.n_layers, cfg.n_heads), float("nan"))
     kept = 1 if getattr(metric, "last_position_only", False) else 0
     max_heads = max(1, int(memory_budget_mb * 2**20) // (n * _row_bytes(model, n_pos, kept or n_pos, False)))
+    bar = tqdm(total=last_layer * cfg.n_heads, desc="path patching", disable=not progress)
     for layer in range(last_layer):
         for start in range(0, cfg.n_heads, max_heads):
             heads = list(range(start, min(cfg.n_heads, start + max_heads)))
+            keep = kept if last is None else keep_last(last, copies=len(heads))
             values[layer, heads] = _senders(model, run, layer, heads, new_z, orig_acts, receivers, receiver_input,
-                                            freeze_mlps, metric, kept)
+                                            freeze_mlps, metric, keep)
+            bar.update(len(heads))
+    bar.close()
     name = "path_" + (f"{receiver_input}" if receivers else "logits")
     return PatchResult(values, name, ("layer", "head"), direction, metric_name(metric), clean_m, corrupted_m,
                        _tokens(model, clean_t), method="path")
 
 
-def _senders(model, run, layer, heads, new_z, orig_acts, receivers, receiver_input, freeze_mlps, metric, kept) -> Tensor:
+def _senders(model, run, layer, heads, new_z, orig_acts, receivers, receiver_input, freeze_mlps, metric,
+             kept: Union[int, Tensor]) -> Tensor:
+    """Float[Tensor, "sender"]: the metric for each sender head of `layer` in `heads`.
+
+    kept: HF's logits_to_keep for both forwards (an int, or per-row positions for a padded batch).
+    """
     m, n = len(heads), run.tokens.shape[0]
     hook_input = "blocks.{}.attn.hook_" + receiver_input
 

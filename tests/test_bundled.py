@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -12,7 +13,8 @@ def test_shape_facts(smollm):
 
 def test_greedy_decoding_is_sensible(smollm):
     out = smollm.generate("The capital of France is", max_new_tokens=3)
-    assert "Paris" in smollm.to_string(out[0])
+    assert isinstance(out, str) and out.startswith("The capital of France is")
+    assert "Paris" in out
 
 
 def test_layer0_resid_is_the_embedding(smollm):
@@ -39,3 +41,13 @@ def test_readme_example(smollm):
         ablated = smollm.run_with_hooks(tokens, fwd_hooks=[("blocks.5.attn.hook_z", kill_head)])
         clean = smollm(tokens)
     assert 0 < (ablated - clean).abs().max() < 50  # the head mattered, and nothing blew up
+
+
+@pytest.mark.bundled
+def test_an_opt_in_hook_that_was_not_cached_says_so(smollm):
+    with torch.no_grad():
+        _, cache = smollm.run_with_cache("The Eiffel Tower is in")
+    with pytest.raises(KeyError, match=r"'blocks.29.attn.hook_result' exists but was not cached: it is an opt-in hook"):
+        cache["result", 29]
+    with pytest.raises(KeyError, match=rf"`model.hook_names\(\)` lists all {len(smollm.hook_names())} of them"):
+        cache["blocks.29.hook_resid_psot"]

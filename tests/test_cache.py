@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import interp.atomic as atomic_mod
 import interp.cache as cache_mod
 from conftest import make_tiny
 from interp.cache import ActivationCache, CacheError, CacheStore, cache_key
@@ -170,6 +171,29 @@ def test_cache_api_shorthand_batch_device_and_errors():
         ActivationCache(dict(cache.items())).accumulated_resid()
 
 
+def test_a_hook_left_out_of_the_cache_is_named_as_such():
+    """An opt-in hook (hook_result) that was not cached is not reported as an unknown name."""
+    model = run("llama")[0]
+    with torch.no_grad():
+        _, default = model.run_with_cache(TOKENS[:1])
+        _, embed_only = model.run_with_cache(TOKENS[:1], names_filter="hook_embed")
+    name = "blocks.0.attn.hook_result"
+    assert name in model.hook_names() and name not in default
+    with pytest.raises(KeyError, match=r"exists but was not cached: it is an opt-in hook.*names_filter") as info:
+        default[name]
+    assert "unknown hook name" not in str(info.value)
+    with pytest.raises(KeyError, match="opt-in"):
+        default["result", 1]
+    with pytest.raises(KeyError, match="exists but was not cached: this run's names_filter left it out"):
+        embed_only["blocks.1.hook_resid_post"]
+    # An unknown name keeps its suggestions, and the count is the model's, not the cache's.
+    with pytest.raises(KeyError, match=rf"Did you mean 'blocks.0.hook_resid_post'.*all {len(model.hook_names())} of them"):
+        default["blocks.0.hook_resid_psot"]
+    with torch.no_grad():  # and the filter the message suggests records it
+        _, asked = model.run_with_cache(TOKENS[:1], names_filter=lambda n: n.endswith("attn.hook_result"))
+    assert asked[name].shape == (1, 7, 4, 32)
+
+
 # ---------------------------------------------------------------------- CacheStore
 
 
@@ -254,7 +278,7 @@ def test_interrupted_data_rename_leaves_store_readable(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(cache_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic_mod.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         store.put("k2", acts(2))
     monkeypatch.undo()
@@ -283,7 +307,7 @@ def test_killed_while_writing_data_or_manifest(tmp_path, monkeypatch):
 
     # Killed after the data file is in place but before the manifest names it: the entry does not exist.
     real_replace = os.replace
-    monkeypatch.setattr(cache_mod.os, "replace", lambda s, d: (_ for _ in ()).throw(OSError("killed"))
+    monkeypatch.setattr(atomic_mod.os, "replace", lambda s, d: (_ for _ in ()).throw(OSError("killed"))
                         if str(d).endswith("manifest.json") else real_replace(s, d))
     with pytest.raises(OSError, match="killed"):
         store.put("k3", acts(3))
@@ -313,7 +337,7 @@ def test_corrupt_file_is_refused_and_never_overwritten(tmp_path):
         store.load("k1")
 
 
-def test_damaged_manifest_and_mismatched_key_are_refused(tmp_path):
+def test_mismatched_key_is_refused_and_damaged_manifest_rebuilt(tmp_path):
     store = CacheStore(tmp_path)
     store.put("k1", acts(1))
     store.put("k2", acts(2))
@@ -326,13 +350,17 @@ def test_damaged_manifest_and_mismatched_key_are_refused(tmp_path):
         store.load("k1")
     assert_loads(store, "k2", acts(2))
 
-    manifest_path.write_text('{"version": 1, "entries": {')
-    for action in (store.keys, lambda: store.load("k2"), lambda: "k2" in store, lambda: store.put("k3", acts(3))):
-        with pytest.raises(CacheError, match="not valid JSON"):
+    # An unreadable manifest is moved aside (never overwritten) and rebuilt from the entry files,
+    # which carry their own keys: every intact entry survives, whichever call meets it first.
+    for garbled in ('{"version": 1, "entries": {', "[]"):
+        for action in (store.keys, lambda: store.load("k2"), lambda: "k2" in store, lambda: store.put("k3", acts(3))):
+            manifest_path.write_text(garbled)
             action()
-    manifest_path.write_text(json.dumps({"version": 99, "entries": {}}))
+            assert {"k1", "k2"} <= set(store.keys())
+            assert_loads(store, "k1", acts(1))
+            assert_loads(store, "k2", acts(2))
+            assert garbled in [p.read_text() for p in (tmp_path / "damaged").glob("manifest.json*")]
+    assert_loads(store, "k3", acts(3))
+    manifest_path.write_text(json.dumps({"version": 99, "entries": {}}))  # a newer toolkit's store: refused, not rebuilt
     with pytest.raises(CacheError, match="version"):
-        store.keys()
-    manifest_path.write_text("[]")  # valid JSON, not a manifest
-    with pytest.raises(CacheError, match="not a cache manifest"):
         store.keys()

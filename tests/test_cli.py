@@ -80,18 +80,24 @@ def test_cache_command_writes_a_resumable_store(model_dir, tmp_path, capsys):
     assert len(json.loads((out / "manifest.json").read_text())["entries"]) == 4
 
 
-def test_cache_command_errors(model_dir, tmp_path):
+def test_cache_command_errors(model_dir, tmp_path, capsys):
+    def refused(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("interp: error: ") and "Traceback" not in err
+        return err
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w5 w6\n")
     base = ["cache", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "acts"), "--quiet"]
-    message = exit_code(base + ["--hooks", "blocks.*.hook_resid_pots"])
-    assert isinstance(message, str) and "matches no hook" in message
+    message = refused(base + ["--hooks", "blocks.*.hook_resid_pots"])
+    assert "matches none of the model's" in message
     assert "blocks.0.hook_resid_post" in message or "blocks.1.hook_resid_post" in message  # near matches named
     assert not (tmp_path / "acts" / "manifest.json").exists()
-    assert "does not exist" in exit_code(["cache", str(model_dir), "--prompts", str(tmp_path / "none.txt"),
-                                          "--hooks", "hook_embed", "--out", str(tmp_path / "acts")])
+    assert "does not exist" in refused(["cache", str(model_dir), "--prompts", str(tmp_path / "none.txt"),
+                                        "--hooks", "hook_embed", "--out", str(tmp_path / "acts")])
     prompts.write_text("\n\n")
-    assert "has no prompts" in exit_code(base + ["--hooks", "hook_embed"])
+    assert "has no prompts" in refused(base + ["--hooks", "hook_embed"])
 
 
 def test_hooks_command(model_dir, capsys):
@@ -109,15 +115,19 @@ def test_lens_command(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prompt tokens: ['w5', 'w6', 'w7']" in out
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["layer", "label", "kl_to_final"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "label"])
+    # Labelled for a reader: KL in nats, the target's rank 0-based, said so.
+    assert "kl_to_final (nats)" in lines[header] and "rank of 'w9' (0 = top1)" in lines[header]
     rows = [line.split() for line in lines[header + 1 : header + 4]]
     assert [r[:2] for r in rows] == [["0", "0_pre"], ["1", "1_pre"], ["2", "final_post"]]
     assert rows[2][2] == "0.000"  # KL of the final layer to itself
-    # The final row's top token is the model's own prediction at the last position.
+    # The final row's top token is the model's own prediction at the last position, quoted.
     with torch.no_grad():
         top = int(make_hf("llama")(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax())
-    assert rows[2][3] == f"w{top}"
+    assert rows[2][3] == f"'w{top}'"
     import pandas as pd
 
-    table = pd.read_csv(csv)
+    table = pd.read_csv(csv)  # the file keeps the raw values and column names
     assert list(table["label"]) == ["0_pre", "1_pre", "final_post"] and "p('w9')" in table.columns
+    assert list(table.columns[:4]) == ["layer", "label", "kl_to_final", "top1"] and table["top1"].iloc[-1] == f"w{top}"
+    assert table["rank('w9')"].dtype.kind == "i"

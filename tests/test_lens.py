@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import FAMILIES, make_hf, make_tiny
 
-from interp.lens import logit_lens_frame, logit_lens_logits, logit_lens_table
+import pandas as pd
+
+from interp.lens import logit_lens_frame, logit_lens_logits, logit_lens_table, readable_lens_table, space_variant, target_pieces
 
 TOKENS = torch.tensor([[5, 6, 7, 8, 9, 44], [45, 46, 47, 48, 49, 50]])
 
@@ -129,3 +131,24 @@ def test_bad_input_is_refused():
         logit_lens_frame(model, TOKENS, batch_index=2)
     with pytest.raises(ValueError, match=r"positions \[6\] are out of range for a prompt of 6"):
         logit_lens_frame(model, TOKENS, positions=[6])
+
+
+def test_readable_table_quotes_tokens_and_labels_units():
+    raw = pd.DataFrame({"layer": [0, 1], "label": ["0_pre", "final_post"], "kl_to_final": [2.5, 0.0],
+                        "top1": [" Paris", "\n"], "p1": [0.6, 0.25], "p(' Paris')": [0.6, 2.4e-5], "rank(' Paris')": [0, 31]})
+    text = readable_lens_table(raw)
+    header, first, second = text.splitlines()
+    assert header.split()[:4] == ["layer", "label", "kl_to_final", "(nats)"]
+    assert "rank of ' Paris' (0 = top1)" in header and "p(' Paris')" in header and "top1" in header
+    assert "' Paris'" in first and first.split()[-1] == "0"
+    assert "'\\n'" in second and "2.4e-05" in second  # a newline shows as \n; a small p is not printed as 0.000
+    assert second.split()[-1] == "31" and "0.250" in second
+    assert list(raw["top1"]) == [" Paris", "\n"] and "rank(' Paris')" in raw.columns  # the frame is untouched
+
+
+@pytest.mark.bundled
+def test_targets_without_their_leading_space_smollm2(smollm):
+    assert target_pieces(smollm, " Paris") == [" Paris"] and space_variant(smollm, " Paris") is None
+    assert target_pieces(smollm, "Paris") == ["Paris"] and space_variant(smollm, "Paris") == " Paris"  # two tokens
+    with pytest.raises(ValueError, match=r"'Barcelona' is 3 tokens \['B', 'arc', 'elona'\], not one; ' Barcelona', with a leading space, is one token"):
+        logit_lens_frame(smollm, "The city of", targets=["Barcelona"])

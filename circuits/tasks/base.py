@@ -5,6 +5,11 @@ one lines up with position i of the other), and per prompt two answer tokens: th
 and a wrong one. Its metric is the logit difference at the final position,
 logit(correct) - logit(wrong), the metric of the IOI paper (Wang et al. 2022,
 arXiv:2211.00593) and of the activation-patching literature after it.
+
+The task builders make prompts of one token length, with no padding. A hand-built set of
+prompts of unequal length may be right-padded and given an `attention_mask`: its metric is then
+read at each prompt's last real token, and EAP, EAP-IG and faithfulness treat each prompt as
+if run alone (see `PromptPairs`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ class PromptPairs:
     positions: name -> Long[Tensor, "n"], token positions of interest (e.g. IO, S1, S2, END)
     d_vocab: the tokenizer's vocabulary size, when known (answer ids are checked against it)
     name: a short task name for tables and figure titles
+    attention_mask: Int[Tensor, "n pos"] or None, shared by both sets: right padding only (real
+        tokens first). The metric reads each prompt at its last real token (`last_positions`);
+        metrics that read other positions refuse a padded set.
     """
 
     clean_tokens: Tensor
@@ -36,6 +44,8 @@ class PromptPairs:
     positions: dict[str, Tensor] = field(default_factory=dict)
     d_vocab: Optional[int] = None
     name: str = "task"
+    attention_mask: Optional[Tensor] = None
+    last_position_only = True  # class attribute: the metric reads the final position only
 
     def __post_init__(self) -> None:
         for label in ("clean_tokens", "corrupted_tokens", "answer_tokens"):
@@ -70,6 +80,25 @@ class PromptPairs:
                 raise ValueError(f"positions[{key!r}] must be [n] = [{c.shape[0]}], got shape {tuple(pos.shape)}")
             if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= c.shape[1]):
                 raise ValueError(f"positions[{key!r}] must lie in [0, {c.shape[1]}), got {pos.tolist()}")
+        self._check_mask()
+
+    def _check_mask(self) -> None:
+        from interp.metrics import last_real_tokens
+
+        m = self.attention_mask
+        if m is None:
+            return
+        if not isinstance(m, Tensor) or m.shape != self.clean_tokens.shape:
+            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"attention_mask must be [n, pos] = {tuple(self.clean_tokens.shape)} like the tokens, got {got}")
+        if not bool(((m == 0) | (m == 1)).all()) or bool((m.sum(1) == 0).any()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token), with at least one token per prompt")
+        last_real_tokens(m)  # refuses left padding
+        if not self.last_position_only and not bool(m.bool().all()):
+            raise ValueError(
+                f"{type(self).__name__}'s metric reads more than the final position, so its prompts cannot be padded: "
+                "build the task from prompts of one token length"
+            )
 
     def __len__(self) -> int:
         return self.clean_tokens.shape[0]
@@ -78,12 +107,38 @@ class PromptPairs:
     def n_pos(self) -> int:
         return self.clean_tokens.shape[1]
 
+    @property
+    def padded(self) -> bool:
+        """Whether some prompt is shorter than n_pos (its attention_mask has zeros)."""
+        return self.attention_mask is not None and not bool(self.attention_mask.bool().all())
+
+    @property
+    def last_positions(self) -> Tensor:
+        """Long[Tensor, "n"]: each prompt's last real token (n_pos - 1 for every prompt when unpadded)."""
+        if self.attention_mask is None:
+            return torch.full((len(self),), self.n_pos - 1, dtype=torch.long, device=self.clean_tokens.device)
+        return self.attention_mask.long().sum(1) - 1
+
+    def final_logits(self, logits: Tensor) -> Tensor:
+        """Float[Tensor, "n d_vocab"]: each prompt's logits at its last real token, from full logits
+        [n, pos, d_vocab] or from logits already taken there ([n, 1, d_vocab], as `logits_to_keep`
+        with `last_positions` gives, or [n, d_vocab])."""
+        if logits.ndim == 3 and self.padded and logits.shape[1] == self.n_pos:
+            return logits[torch.arange(len(self), device=logits.device), self.last_positions.to(logits.device)]
+        if logits.ndim == 3 and self.padded and logits.shape[1] != 1:
+            raise ValueError(
+                f"this task is padded: pass full logits [n, pos, d_vocab] = [{len(self)}, {self.n_pos}, d_vocab] or logits "
+                f"at each prompt's last real token [n, 1, d_vocab], got shape {tuple(logits.shape)}"
+            )
+        return logits[:, -1] if logits.ndim == 3 else logits
+
     def to(self, device) -> "PromptPairs":
         """A copy with every tensor on `device`."""
         return PromptPairs(
             self.clean_tokens.to(device), self.corrupted_tokens.to(device), self.answer_tokens.to(device),
             list(self.clean_prompts), list(self.corrupted_prompts),
             {k: v.to(device) for k, v in self.positions.items()}, self.d_vocab, self.name,
+            self.attention_mask.to(device) if self.attention_mask is not None else None,
         )
 
     def __getitem__(self, index) -> "PromptPairs":
@@ -94,15 +149,18 @@ class PromptPairs:
             self.clean_tokens[idx], self.corrupted_tokens[idx], self.answer_tokens[idx],
             pick(self.clean_prompts), pick(self.corrupted_prompts),
             {k: v[idx.to(v.device)] for k, v in self.positions.items()}, self.d_vocab, self.name,
+            self.attention_mask[idx.to(self.attention_mask.device)] if self.attention_mask is not None else None,
         )
 
     def logit_diff(self, logits: Tensor) -> Tensor:
-        """logit(correct) - logit(wrong) at the final position, per prompt.
+        """logit(correct) - logit(wrong) at the final position (each prompt's last real token when padded), per prompt.
 
         logits: Float[Tensor, "n pos d_vocab"] or Float[Tensor, "n d_vocab"] (already at the final
         position). Returns Float[Tensor, "n"], differentiable.
         """
-        if logits.ndim == 3:
+        if logits.ndim == 3 and logits.shape[0] == len(self):
+            logits = self.final_logits(logits)
+        elif logits.ndim == 3:
             logits = logits[:, -1]
         if logits.ndim != 2 or logits.shape[0] != len(self):
             raise ValueError(
@@ -133,8 +191,9 @@ def check_task(model, pairs: PromptPairs, batch_size: int = 32) -> dict[str, flo
     for which, tokens in (("clean", pairs.clean_tokens), ("corrupted", pairs.corrupted_tokens)):
         diffs = []
         for start in range(0, len(pairs), batch_size):
+            sub = pairs[start : start + batch_size]
             logits = model(tokens[start : start + batch_size].to(model.device))
-            diffs.append(pairs[start : start + batch_size].logit_diff(logits[:, -1].float()).cpu())
+            diffs.append(sub.logit_diff(sub.final_logits(logits).float()).cpu())
         d = torch.cat(diffs)
         out[f"{which}_accuracy"] = float((d > 0).float().mean())
         out[f"{which}_logit_diff"] = float(d.mean())

@@ -286,7 +286,7 @@ def single_head_ablation(
     and each copy gets its own head mask inside the hooks. Returns one row per (layer, head) with
     columns layer, head, metric, delta (= metric - clean metric), how.
     """
-    tokens, attention_mask = model._prepare(tokens, attention_mask)
+    tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     heads = _all_heads(model, heads)
     B = tokens.shape[0]
     repl = replacements(model, how, sorted({l for l, _ in heads}), reference, reference_mask, per_position)
@@ -368,7 +368,7 @@ def act_search(
     attention_mask: Optional[Tensor] = None,
 ) -> pd.DataFrame:
     """Calibrate each head alone on a calibration set: one row per (layer, head) with metric and delta."""
-    tokens, attention_mask = model._prepare(tokens, attention_mask)
+    tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     heads = _all_heads(model, heads)
     clean, results = _batched_sweep(
         model, tokens, metric, heads, batch_heads, lambda mask, k: calibration_hooks(model, mask, beta, threshold), attention_mask
@@ -395,8 +395,8 @@ def act_calibrate(
     Returns (search: per-head frame from `act_search`, summary: one row per set with columns
     set, n_heads, clean, calibrated, delta).
     """
-    cal_tokens, _ = model._prepare(calibration, None)
-    held_tokens, _ = model._prepare(held_out, None)
+    cal_tokens, _ = model.prepare_inputs(calibration, None)
+    held_tokens, _ = model.prepare_inputs(held_out, None)
     search = act_search(model, cal_tokens, metric, None, beta, threshold, batch_heads)
     gain = search.delta if lower_is_better else -search.delta
     chosen = search[gain < 0].assign(gain=gain[gain < 0]).sort_values("gain")

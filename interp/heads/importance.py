@@ -65,7 +65,7 @@ def head_importance_scores(
 
     raw = mean over prompts of |dL/d xi_h|; normalised = raw / ||raw[layer]||_2.
     """
-    tokens, attention_mask = model._prepare(tokens, attention_mask)
+    tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     total = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float32, device=model.device)
     for i in range(0, tokens.shape[0], batch_size):
         mask = attention_mask[i : i + batch_size] if attention_mask is not None else None
@@ -129,7 +129,7 @@ def pruning_curve(
     `run_bertology.py::mask_heads` does; otherwise one ranking is used throughout.
     Returns DataFrame(share_pruned, n_pruned, metric).
     """
-    tokens, attention_mask = model._prepare(tokens, attention_mask)
+    tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     if not 0 < step <= 1:
         raise ValueError(f"step must be a share in (0, 1], got {step}")
     n_total = model.cfg.n_layers * model.cfg.n_heads

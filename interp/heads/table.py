@@ -7,9 +7,12 @@
 How it stays correct when killed or split:
 - every analysis is computed prompt by prompt (one prompt per forward, so a value never depends
   on which other prompts shared its batch), and each prompt's per-head values are written to
-  `<out>.parts/<analysis>/<index>.safetensors` atomically as soon as they exist;
-- a restarted job skips the prompts whose files exist, so finished work is never recomputed or
-  lost; `--shard i/n` takes a contiguous block of each analysis's prompt indices;
+  `<out>.parts/<analysis>/<index>.safetensors` atomically as soon as they exist, carrying the
+  sha256 of their tensors (and their analysis and index) in the safetensors metadata;
+- a restarted job verifies and skips the prompts whose files are intact, so finished work is
+  never recomputed or lost; a damaged, truncated or empty part is recomputed (said on stderr),
+  and merge names any damaged part instead of reading it; temporary files of a killed job are
+  removed; `--shard i/n` takes a contiguous block of each analysis's prompt indices;
 - `job.json` in the parts folder holds the model fingerprint and the settings; a job whose
   model or settings differ refuses the folder instead of mixing results;
 - the table is computed from the per-prompt files in index order, in float64, so merged shards
@@ -24,18 +27,19 @@ retrieval_score = Wu et al.'s score over NIAH samples answered correctly.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, field
+import re
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..cache import CacheError
+from ..atomic import atomic_write, atomic_write_text, remove_stale_temps
+from ..cache import DIGEST_KEY, CacheError, DamagedFile, read_checked, save_checked
 from ..hooks import HookedModel
 from . import ablation, importance, sinks
 
@@ -59,12 +63,51 @@ class HeadJobSettings:
     max_new_tokens: int = 8
 
     def __post_init__(self) -> None:
+        """Refuse settings that would fail late or give meaningless numbers.
+
+        Messages start with the field name and a colon (`interp heads` swaps in its flag).
+        `length` must be at least max(3, ceil(1 / eps)) (4 for eps = 0.3): query 0 can only attend
+        to token 0, so every head's alpha(0) is at least 1 / length, and below that every head
+        would be a sink by construction (length 1 gives every head a sink score of 1.0).
+        """
         self.analyses = tuple(self.analyses)
+        choices = ", ".join(ANALYSES)
+        if not self.analyses:
+            raise ValueError(f"analyses: none given; choose one or more of {choices}")
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
-            raise ValueError(f"unknown analyses {unknown}; choose from {list(ANALYSES)}")
+            raise ValueError(f"analyses: unknown analyses {unknown}; choose from {choices}")
+        twice = sorted({a for a in self.analyses if self.analyses.count(a) > 1})
+        if twice:
+            raise ValueError(f"analyses: {twice} listed more than once; list each analysis once")
+        n_available = sum(len(texts) for texts in sinks.load_domain_prompts().values())
+        if not 0 <= self.n_prompts <= n_available:
+            raise ValueError(f"n_prompts: {self.n_prompts} is out of range; use 1 to {n_available} "
+                             f"(the first N bundled prompts) or 0 (all {n_available})")
+        for name in ("eps", "secondary_threshold"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} is not an attention weight threshold; use a value in (0, 1)")
+        import math
+
+        min_length = max(3, math.ceil(1 / self.eps - 1e-9))
+        if self.length < min_length:
+            raise ValueError(
+                f"length: {self.length} is too short; query 0 sees only token 0, so every head gives it at least "
+                f"1/length of its attention and, with fewer than {min_length} tokens, passes eps = {self.eps} as a sink; "
+                f"use {min_length} or more (Gu et al. use {sinks.SINK_LENGTH})"
+            )
+        if self.ablation not in ("zero", "uniform"):
+            raise ValueError(f"ablation: {self.ablation!r} is not a head-job ablation; use 'zero' (head output zeroed) "
+                             "or 'uniform' (query zeroed: uniform attention, Wu et al.)")
         self.niah_lengths = tuple(int(x) for x in self.niah_lengths)
         self.niah_depths = tuple(float(x) for x in self.niah_depths)
+        if not self.niah_lengths or min(self.niah_lengths) < 1:
+            raise ValueError(f"niah_lengths: {list(self.niah_lengths)}; give one or more haystack lengths in tokens, each >= 1")
+        if not self.niah_depths or not all(0.0 <= d <= 1.0 for d in self.niah_depths):
+            raise ValueError(f"niah_depths: {list(self.niah_depths)}; give one or more needle depths in [0, 1]")
+        for name in ("niah_per_cell", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)}; use 1 or more")
 
     def as_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -135,10 +178,43 @@ def _work(model: HookedModel, settings: HeadJobSettings, analysis: str) -> Work:
 
 
 # ---------------------------------------------------------------------------- the parts folder
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+_PART = re.compile(r"^(\d{6})\.safetensors$")
+
+
+def _part_path(folder: Path, i: int) -> Path:
+    return folder / f"{i:06d}.safetensors"
+
+
+def _save_part(tensors: dict[str, Tensor], folder: Path, i: int) -> None:
+    """One prompt's tensors, written atomically with their checksum, analysis and index."""
+    save_checked(tensors, _part_path(folder, i), {"analysis": folder.name, "index": str(i)})
+
+
+def _read_part(path: Path, analysis: str, i: int) -> tuple[dict[str, Tensor], bool]:
+    """(tensors, carries a checksum) of one part; DamagedFile when it is damaged or misplaced."""
+    tensors, meta = read_checked(path)
+    if meta.get("analysis", analysis) != analysis or meta.get("index", str(i)) != str(i):
+        raise DamagedFile(path, f"holds {meta.get('analysis')} prompt {meta.get('index')}, not {analysis} prompt {i}")
+    return tensors, DIGEST_KEY in meta
+
+
+def _todo(folder: Path, indices: range) -> list[int]:
+    """The indices whose part is absent or damaged (a damaged one is named on stderr); warns of unchecked old parts."""
+    todo, unchecked = [], 0
+    for i in indices:
+        path = _part_path(folder, i)
+        if not path.exists():
+            todo.append(i)
+            continue
+        try:
+            unchecked += not _read_part(path, folder.name, i)[1]
+        except DamagedFile as e:
+            print(f"[interp] {e}: recomputing it", file=sys.stderr, flush=True)
+            todo.append(i)
+    if unchecked:
+        print(f"[interp] {unchecked} part(s) in {folder} carry no checksum (written by an older version): kept "
+              "because they parse; delete them to recompute", file=sys.stderr, flush=True)
+    return todo
 
 
 def _job_record(model: HookedModel, settings: HeadJobSettings, n_items: dict[str, int]) -> dict:
@@ -148,9 +224,10 @@ def _job_record(model: HookedModel, settings: HeadJobSettings, n_items: dict[str
 def _open_parts(parts: Path, record: dict) -> None:
     """Create the parts folder, or check that an existing one belongs to the same model and settings."""
     parts.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(parts, legacy=("job.tmp",))
     meta = parts / "job.json"
     if meta.exists():
-        old = json.loads(meta.read_text())
+        old = _read_job(parts)
         for key in ("fingerprint", "settings", "n_items"):
             if old.get(key) != record.get(key):
                 raise CacheError(
@@ -158,9 +235,21 @@ def _open_parts(parts: Path, record: dict) -> None:
                     "refusing to mix results: choose another --out or delete that folder"
                 )
         return
-    tmp = meta.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, meta)
+    atomic_write_text(meta, json.dumps(record, indent=1))
+
+
+def _read_job(parts: Path) -> dict:
+    """The job record of a parts folder, or a CacheError that names the folder."""
+    meta = parts / "job.json"
+    if not meta.exists():
+        raise CacheError(f"{parts} has no job.json: not a parts folder written by `interp heads`")
+    try:
+        record = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{meta} is not valid JSON ({e}); the parts folder is damaged: move it aside and rerun") from e
+    if not isinstance(record, dict):
+        raise CacheError(f"{meta} is not a job record; the parts folder is damaged: move it aside and rerun")
+    return record
 
 
 def run_head_job(
@@ -178,9 +267,10 @@ def run_head_job(
     for analysis, work in works.items():
         folder = parts / analysis
         folder.mkdir(exist_ok=True)
-        todo = [i for i in shard_indices(work.n_items, shard) if not (folder / f"{i:06d}.safetensors").exists()]
+        remove_stale_temps(folder, legacy=("*.tmp",))
+        todo = _todo(folder, shard_indices(work.n_items, shard))
         for i in tqdm(todo, desc=f"{analysis} (shard {shard[0]}/{shard[1]})", disable=not progress):
-            _atomic_save(work.compute(i), folder / f"{i:06d}.safetensors")
+            _save_part(work.compute(i), folder, i)
         done_now[analysis] = len(todo)
     return done_now
 
@@ -189,8 +279,17 @@ def _load_items(parts_dirs: Sequence[Path], analysis: str, n_items: int) -> list
     items: list[Optional[dict[str, Tensor]]] = [None] * n_items
     for parts in parts_dirs:
         for path in sorted((parts / analysis).glob("*.safetensors")):
-            i = int(path.stem)
-            tensors = load_file(str(path))
+            match = _PART.match(path.name)
+            if match is None or int(match.group(1)) >= n_items:
+                raise CacheError(f"{path} is not one of the {n_items} {analysis} parts of this job; move it out of {parts}")
+            i = int(match.group(1))
+            try:
+                tensors = _read_part(path, analysis, i)[0]
+            except DamagedFile as e:
+                raise CacheError(
+                    f"{e}. Rerun the `interp heads` command that wrote {parts} (same settings, --out and --shard): "
+                    "it recomputes damaged parts; then merge again"
+                ) from e
             if items[i] is not None and any(not torch.equal(items[i][k], tensors[k]) for k in tensors):
                 raise CacheError(f"{path} disagrees with another shard's copy of {analysis} prompt {i}")
             items[i] = tensors
@@ -224,7 +323,7 @@ def _scores(analysis: str, items: list[dict[str, Tensor]], settings: dict) -> di
 def merge_head_parts(parts_dirs: Sequence[Path]) -> pd.DataFrame:
     """The head table from one or more parts folders of the same job (shards of it)."""
     parts_dirs = [Path(p) for p in parts_dirs]
-    records = [json.loads((p / "job.json").read_text()) for p in parts_dirs]
+    records = [_read_job(p) for p in parts_dirs]
     for p, r in zip(parts_dirs[1:], records[1:]):
         for key in ("fingerprint", "settings", "n_items"):
             if r.get(key) != records[0].get(key):
@@ -248,14 +347,11 @@ def merge_head_parts(parts_dirs: Sequence[Path]) -> pd.DataFrame:
 def write_table(table: pd.DataFrame, path: Path) -> None:
     """CSV or Parquet by extension, written atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    elif path.suffix == ".csv":
-        table.to_csv(tmp, index=False)
-    else:
+    writers = {".parquet": lambda tmp: table.to_parquet(tmp, index=False), ".csv": lambda tmp: table.to_csv(tmp, index=False)}
+    if path.suffix not in writers:
         raise ValueError(f"--out must end in .parquet or .csv, got {path.name!r}")
-    os.replace(tmp, path)
+    remove_stale_temps(path.parent, legacy=(path.name + ".tmp",))  # a killed earlier write's (older versions: <name>.tmp)
+    atomic_write(path, writers[path.suffix])
 
 
 def parts_dir_for(out: Path) -> Path:

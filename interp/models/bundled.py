@@ -4,6 +4,10 @@ The bundled default is SmolLM2-135M-Instruct, a Q4_1 GGUF file inside the `llm-s
 package. transformers dequantises GGUF to float32 through the `gguf` package, which takes
 50-150 s (its metadata reader is pure Python), so the first load converts the model once to
 safetensors in a user cache directory; later loads take under a second.
+
+Processes converting the same file at once take turns on a file lock (`<cache>/locks/<name>.lock`):
+the first converts, the others wait and then load its result. A conversion
+killed half-way leaves only a pid-stamped temporary folder, which the next conversion removes.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..atomic import atomic_directory, file_lock, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -76,16 +82,41 @@ def convert_gguf(gguf_path: Path, progress: bool = True) -> Path:
     """Dequantise a GGUF file once into a safetensors HF directory; return that directory.
 
     Written to a temporary sibling and renamed, so a killed conversion never leaves a
-    half-written checkpoint where a later load would trust it.
+    half-written checkpoint where a later load would trust it. Concurrent first conversions
+    of one file wait for each other on a file lock; the next conversion removes what a killed
+    one left.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = converted_dir(gguf_path)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"[interp] converting {gguf_path.name} to safetensors once (about a minute) -> {target}", flush=True)
+    lock = cache_root() / "locks" / f"{target.name}.lock"
+    waiting = f"[interp] another process is converting {gguf_path.name}; waiting for it (lock {lock})"
+    with file_lock(lock, waiting=waiting):
+        if (target / "config.json").exists():  # converted by the process we waited for
+            return target
+        remove_stale_temps(target.parent, legacy=(".tmp-*",))  # also what older versions left
+        if target.exists():  # not made by us (we rename complete folders only): never trusted, never merged into
+            _set_aside(target)
+        if progress:
+            print(f"[interp] converting {gguf_path.name} to safetensors once (about a minute) -> {target}", flush=True)
+        with atomic_directory(target) as tmp:
+            _convert_into(gguf_path, tmp)
+    return target
+
+
+def _set_aside(target: Path) -> None:
+    """Rename an incomplete converted folder (no config.json) out of the way, saying where."""
+    aside = target.with_name(f"{target.name}.incomplete-{os.getpid()}-{int(time.time())}")
+    os.rename(target, aside)
+    print(f"[interp] {target} has no config.json (an incomplete conversion, not made by this toolkit's "
+          f"atomic rename); moved it to {aside}, delete it when you no longer need it", file=sys.stderr, flush=True)
+
+
+def _convert_into(gguf_path: Path, directory: Path) -> None:
+    """Dequantise `gguf_path` with transformers and save model and tokenizer into `directory`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # A GGUF-loaded model carries a quantizer that makes save_pretrained refuse; the weights are
@@ -93,12 +124,5 @@ def convert_gguf(gguf_path: Path, progress: bool = True) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
