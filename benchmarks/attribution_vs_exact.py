@@ -64,7 +64,7 @@ def main() -> None:
         exact_resid = exact if node == "resid_pre" else exact_resid
         rows.append(f"| {node} by {by} | {list(exact.values.shape)} | {pearson(approx[node].values, exact.values):.3f} | {t_exact:.1f} |")
     per_prompt = pairs.logit_diff(model(clean)) if hasattr(pairs, "logit_diff") else None
-    table = "\n".join([f"| node | shape | Pearson r (attribution vs exact) | exact sweep (s) |", "|---|---|---|---|", *rows])
+    table = "\n".join(["| node | shape | Pearson r (attribution vs exact) | exact sweep (s) |", "|---|---|---|---|", *rows])
     story = "\n".join(resid_pre_story(exact_resid, pairs.positions, model.to_str_tokens(clean[0])))
     summary = (f"{args.pairs} IOI pairs (ABBA, one template) x {clean.shape[1]} tokens; attribution for all "
                f"{len(NODES)} node types in one pass: {t_attr:.1f} s. Clean logit diff {exact_resid.clean_metric:.2f}, "

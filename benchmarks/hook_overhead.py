@@ -35,8 +35,8 @@ import os
 import platform
 import resource
 import statistics
-import time
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable

@@ -144,7 +144,7 @@ def main() -> None:
         f"- task: {args.n} IOI pairs (seed {args.seed}, shipped template, ABBA/BABA mixed, {task.n_pos} tokens), "
         f"corruption {args.corruption}; faithfulness on {'held-out pairs (seed ' + str(args.seed + 1) + ')' if args.heldout else 'the same pairs'}",
         f"- metric: mean logit difference; clean {faith.clean_metric:.3f}, corrupted {faith.corrupted_metric:.3f}",
-        f"- recovered = (circuit - corrupted) / (clean - corrupted), exact edge patching with corrupted outputs",
+        "- recovered = (circuit - corrupted) / (clean - corrupted), exact edge patching with corrupted outputs",
         f"- interp at commit {commit}; CPU, torch threads {torch.get_num_threads()} "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); total {total:.0f} s, "
         f"one faithfulness evaluation {sum(r['t_eval'] for r in rows) / len(rows):.1f} s on average",

@@ -70,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    from transformer_lens.model_bridge import TransformerBridge
     import transformer_lens.patching as tlp
+    from transformer_lens.model_bridge import TransformerBridge
 
     ours = interp.load("smollm2-135m", device=device)
     directory = converted_dir(bundled_gguf("smollm2-135m"))

@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 
 import interp
-from interp.heads.niah import make_samples, niah_accuracy, niah_heatmap
+from interp.heads.niah import make_samples, niah_accuracy
 from interp.heads.retrieval import retrieval_ablation_curves, retrieval_heads, score_retrieval
+from interp.viz import niah_heatmap
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

@@ -7,24 +7,32 @@
     circuit = top_n(scores, 500)
     Faithfulness(model, task)(circuit)         # share of the clean-corrupted gap recovered
     circuit.save("ioi.json"); circuit.to_dot(); circuit.figure()
+
+Modules: `types` (Node, Edge), `graph` (the graph, exact edge patching), `eap` (edge scores),
+`circuit` (the Circuit data type), `serialize` (JSON, dot), `extract` (top_n, greedy, prune: one
+algorithm per module), `faithfulness`, `readout` (what a metric reads), `tasks` (prompt pairs).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from .circuit import Circuit, greedy, prune, top_n
+from interp.hooks import HookedModel
+
+from .circuit import Circuit
 from .eap import EdgeScores, edge_attribution, receiver_gradients
+from .extract import EXTRACTIONS, greedy, prune, top_n
 from .faithfulness import Faithfulness, faithfulness
 from .graph import Graph, node_outputs, patched_logits
+from .types import Edge, Node
 
 __all__ = [
-    "Graph", "node_outputs", "patched_logits", "EdgeScores", "edge_attribution", "receiver_gradients",
-    "Circuit", "top_n", "greedy", "prune", "Faithfulness", "faithfulness", "task_report",
+    "Node", "Edge", "Graph", "node_outputs", "patched_logits", "EdgeScores", "edge_attribution", "receiver_gradients",
+    "Circuit", "top_n", "greedy", "prune", "EXTRACTIONS", "Faithfulness", "faithfulness", "task_report",
 ]
 
 
-def task_report(model, n: int = 16, seed: int = 0, threshold: float = 0.8) -> pd.DataFrame:
+def task_report(model: HookedModel, n: int = 16, seed: int = 0, threshold: float = 0.8) -> pd.DataFrame:
     """Build every task for `model`'s tokenizer and check the model does it.
 
     One row per task: accuracy (clean logit difference > 0; for induction, top-1 accuracy on

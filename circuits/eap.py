@@ -28,19 +28,20 @@ last ``hook_resid_post`` for the logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp.metrics import require_last_position
+from interp.hook_points import HookPoint, get_act_name
+from interp.hooks import HookedModel
+from interp.metrics import Metric
 
 from .graph import Graph, node_outputs
+from .readout import Readout, forward_kwargs, readout
 from .tasks.base import PromptPairs
-
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class EdgeScores:
         return df.sort_values("abs_score", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def _norm_vjp(norm: torch.nn.Module, x: Tensor, cotangents: Tensor) -> Tensor:
+def _norm_vjp(norm: nn.Module, x: Tensor, cotangents: Tensor) -> Tensor:
     """d/dx of <norm(x), cotangent> for a stack of cotangents: [R, b, pos, d] -> [R, b, pos, d]."""
     with torch.enable_grad():
         xr = x.detach().unsqueeze(0).expand(cotangents.shape[0], *x.shape).clone().requires_grad_(True)
@@ -71,60 +72,38 @@ def _norm_vjp(norm: torch.nn.Module, x: Tensor, cotangents: Tensor) -> Tensor:
     return g
 
 
-def _rows(module: torch.nn.Linear, index: int, d_head: int) -> Tensor:
+def _rows(module: nn.Linear, index: int, d_head: int) -> Tensor:
+    """One head's rows of a projection's weight: [d_head, d_model]."""
     return module.weight[index * d_head : (index + 1) * d_head]  # [d_head, d_model]
 
 
-def last_only(task) -> bool:
-    """Whether a task's metric reads only the final position (then the model unembeds that position alone)."""
-    return bool(getattr(task, "last_position_only", True))
-
-
-def _kw(last: Union[bool, Tensor]) -> dict:
-    """Forward kwargs for what the metric reads: the final position (True), every position (False),
-    or each row's last real token (Long[Tensor, "batch"], a padded batch)."""
-    if isinstance(last, Tensor):
-        return {"logits_to_keep": last[:, None]}
-    return {"logits_to_keep": 1} if last else {}
-
-
-def readout(task, metric: Optional[Metric], where: str) -> Union[bool, Tensor]:
-    """What the metric is handed (see `_kw`): a padded task is read at each prompt's last real token,
-    which a caller's metric must accept by saying `last_position_only = True`; else refused."""
-    if getattr(task, "padded", False):
-        last = task.last_positions
-        if metric is not None:
-            require_last_position(metric, last, where)
-        return last
-    return last_only(task) if metric is None else False
-
-
-def receiver_gradients(model, graph: Graph, tokens: Tensor, metric: Metric, embed: Optional[Tensor] = None,
-                       last_position_only: Union[bool, Tensor] = False) -> tuple[Tensor, float]:
+def receiver_gradients(model: HookedModel, graph: Graph, tokens: Tensor, metric: Metric, embed: Optional[Tensor] = None,
+                       last_position_only: Readout = False) -> tuple[Tensor, float]:
     """Gradient of `metric` with respect to every receiver's own input, from one forward and one backward.
 
+    tokens: Long[Tensor, "batch pos"].
     embed: Float[Tensor, "batch pos d_model"] to use in place of the token embeddings (EAP-IG).
     last_position_only: the metric reads the final position only (logits [batch, 1, vocab]); or
     Long[Tensor, "batch"], each row's last real token of a right-padded batch (logits [batch, 1, vocab] there).
     Returns (Float[Tensor, "receiver batch pos d_model"], metric value).
     """
-    L, H = graph.n_layers, graph.n_heads
+    L = graph.n_layers
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
     names = []
     for l in range(L):
-        names += [f"blocks.{l}.attn.hook_{k}" for k in "qkv"] + [f"blocks.{l}.ln2.hook_normalized"]
-    last = f"blocks.{L - 1}.hook_resid_post"
+        names += [get_act_name(k, l) for k in "qkv"] + [get_act_name("normalized", l, "ln2")]
+    last = get_act_name("resid_post", L - 1)
     names.append(last)
-    saved = [f"blocks.{l}.hook_resid_{w}" for l in range(L) for w in ("pre", "mid")]
+    saved = [get_act_name(f"resid_{w}", l) for l in range(L) for w in ("pre", "mid")]
 
-    def save_act(x, hook):
+    def save_act(x: Tensor, hook: HookPoint) -> None:
         acts[hook.name] = x.detach()
 
-    def save_grad(g, hook):
+    def save_grad(g: Tensor, hook: HookPoint) -> None:
         grads[hook.name] = g.detach()
 
-    def leaf_embed(x, hook):
+    def leaf_embed(x: Tensor, hook: HookPoint) -> Tensor:
         # Parameters are frozen: the embedding output is made a leaf that requires grad.
         e = x if embed is None else embed.to(x.dtype)
         return e.detach().clone().requires_grad_(True)
@@ -132,9 +111,9 @@ def receiver_gradients(model, graph: Graph, tokens: Tensor, metric: Metric, embe
     with torch.enable_grad():
         logits = model.run_with_hooks(
             tokens,
-            fwd_hooks=[("hook_embed", leaf_embed)] + [(n, save_act) for n in saved],
+            fwd_hooks=[(get_act_name("embed"), leaf_embed)] + [(n, save_act) for n in saved],
             bwd_hooks=[(n, save_grad) for n in names],
-            **_kw(last_position_only),
+            **forward_kwargs(last_position_only),
         )
         value = metric(logits)
         value.backward()
@@ -147,26 +126,27 @@ def receiver_gradients(model, graph: Graph, tokens: Tensor, metric: Metric, embe
     for l in range(L):
         cots, idx = [], []
         for kind in "qkv":
-            g = grads[f"blocks.{l}.attn.hook_{kind}"]  # [b, pos, head, d_head]
+            g = grads[get_act_name(kind, l)]  # [b, pos, head, d_head]
             module = getattr(parts[l].qkv, kind)
             for r in graph.layer_receivers(l, kind):
                 i = graph.receivers[r].index
                 cots.append(g[:, :, i] @ _rows(module, i, d_head).to(g.dtype))
                 idx.append(r)
-        out[idx] = _norm_vjp(parts[l].ln1, acts[f"blocks.{l}.hook_resid_pre"], torch.stack(cots)).float()
+        out[idx] = _norm_vjp(parts[l].ln1, acts[get_act_name("resid_pre", l)], torch.stack(cots)).float()
         r = graph.layer_receivers(l, "mlp")[0]
-        g = grads[f"blocks.{l}.ln2.hook_normalized"]
-        out[r] = _norm_vjp(parts[l].ln2, acts[f"blocks.{l}.hook_resid_mid"], g[None])[0].float()
+        g = grads[get_act_name("normalized", l, "ln2")]
+        out[r] = _norm_vjp(parts[l].ln2, acts[get_act_name("resid_mid", l)], g[None])[0].float()
     out[-1] = grads[last].float()
     return out, float(value.detach())
 
 
 def _task_metric(task: PromptPairs, metric: Optional[Metric]) -> Metric:
+    """The caller's metric, else the task's own."""
     return metric if metric is not None else task.metric
 
 
 def edge_attribution(
-    model,
+    model: HookedModel,
     task: PromptPairs,
     method: str = "eap",
     steps: int = 8,
@@ -204,7 +184,7 @@ def edge_attribution(
     corr_out = node_outputs(model, corrupted, graph)
     bar.update(2)
     with torch.no_grad():
-        corr_metric = float(metric(model(corrupted, **_kw(last))))
+        corr_metric = float(metric(model(corrupted, **forward_kwargs(last))))
     if method == "eap":
         grad, clean_metric = receiver_gradients(model, graph, clean, metric, last_position_only=last)
         bar.update(1)
@@ -219,7 +199,7 @@ def edge_attribution(
             bar.update(1)
         grad = grad / steps
         with torch.no_grad():
-            clean_metric = float(metric(model(clean, **_kw(last))))
+            clean_metric = float(metric(model(clean, **forward_kwargs(last))))
     diff = (corr_out - clean_out).float().flatten(1)  # [node, b*pos*d]
     scores = grad.flatten(1) @ diff.T  # [receiver, node]
     scores = scores * graph.mask.to(scores.device)

@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .circuit import Circuit, greedy, top_n
-from .eap import EdgeScores, _kw, readout
-from .graph import Graph, node_outputs, patched_logits
-from .tasks.base import PromptPairs
+from interp.hooks import HookedModel
+from interp.metrics import Metric
 
-Metric = Callable[[Tensor], Tensor]
+from .circuit import Circuit
+from .eap import EdgeScores
+from .extract import EXTRACTIONS
+from .graph import Graph, node_outputs, patched_logits
+from .readout import forward_kwargs, readout
+from .tasks.base import PromptPairs
 
 
 class Faithfulness:
@@ -35,7 +38,7 @@ class Faithfulness:
     `last_position_only = True` and gets logits [n, 1, vocab] there).
     """
 
-    def __init__(self, model, task: PromptPairs, metric: Optional[Metric] = None, graph: Optional[Graph] = None,
+    def __init__(self, model: HookedModel, task: PromptPairs, metric: Optional[Metric] = None, graph: Optional[Graph] = None,
                  batch_size: int = 32):
         self.model, self.task = model, task
         self.metric = metric if metric is not None else task.metric
@@ -56,11 +59,12 @@ class Faithfulness:
             )
 
     def _kw(self, b: slice) -> dict:
-        """Forward kwargs for the prompts of batch `b` (see `interp.circuits.eap._kw`)."""
+        """Forward kwargs for the prompts of batch `b` (see `interp.circuits.readout.forward_kwargs`)."""
         reads = self._reads
-        return _kw(reads[b].to(self.model.device) if isinstance(reads, Tensor) else reads)
+        return forward_kwargs(reads[b].to(self.model.device) if isinstance(reads, Tensor) else reads)
 
-    def _mean(self, logits_of) -> float:
+    def _mean(self, logits_of: Callable[[slice, int], Tensor]) -> float:
+        """The metric averaged over prompts; logits_of(batch slice, batch number) gives that batch's logits."""
         total = 0.0
         for i, b in enumerate(self._batches):
             sub = self.task[b] if self._own_metric else None
@@ -83,18 +87,17 @@ class Faithfulness:
     def curve(self, scores: EdgeScores, sizes: Sequence[int], how: str = "top_n", progress: bool = True) -> pd.DataFrame:
         """Faithfulness against circuit size: one row per n with n_edges (after pruning), share_of_edges,
         faithfulness and metric. `progress`: a tqdm bar over the sizes (on stderr)."""
-        extract = {"top_n": top_n, "greedy": greedy}
-        if how not in extract:
-            raise ValueError(f"how must be 'top_n' or 'greedy', got {how!r}")
+        if how not in EXTRACTIONS:
+            raise ValueError(f"how must be {' or '.join(map(repr, EXTRACTIONS))}, got {how!r}")
         rows = []
         for n in tqdm(list(sizes), desc=f"faithfulness ({how})", disable=not progress):
-            c = extract[how](scores, int(n))
+            c = EXTRACTIONS[how](scores, int(n))
             f = self(c)
             rows.append({"n": int(n), "n_edges": len(c), "share_of_edges": len(c) / self.graph.n_edges,
                          "faithfulness": f, "method": scores.method, "extraction": how})
         return pd.DataFrame(rows)
 
 
-def faithfulness(model, task: PromptPairs, circuit: Circuit, metric: Optional[Metric] = None) -> float:
+def faithfulness(model: HookedModel, task: PromptPairs, circuit: Circuit, metric: Optional[Metric] = None) -> float:
     """One-shot: the normalised faithfulness of `circuit` on `task`."""
     return Faithfulness(model, task, metric)(circuit)

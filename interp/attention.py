@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,31 @@ _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, AttentionHooks]" = weakref.Weak
 
 
 def implementation_name(base: str) -> str:
+    """The name ours is registered under for a base implementation: "sdpa" -> "interp_sdpa"."""
     return f"interp_{base}"
+
+
+def base_implementation(hf_model: nn.Module) -> str:
+    """The implementation that runs when no hook needs the pattern: the model's
+    `config._attn_implementation` without our "interp_" prefix ("sdpa" when unset)."""
+    impl = getattr(hf_model.config, "_attn_implementation", None) or "sdpa"
+    return impl.removeprefix("interp_")
+
+
+def switch_to_hooked(hf_model: nn.Module) -> str:
+    """Make `hf_model` run its attention through `interp_attention`; returns the base ("sdpa" or "eager").
+
+    Raises ValueError for any other base implementation (flash attention, flex, ...).
+    """
+    base = base_implementation(hf_model)
+    if base not in BASES:
+        raise ValueError(
+            f"the model runs attention implementation {base!r}; the hook layer wraps 'sdpa' or 'eager'. "
+            "Load it with attn_implementation='sdpa' (default) or 'eager'."
+        )
+    ensure_registered()
+    hf_model.set_attn_implementation(implementation_name(base))
+    return base
 
 
 def register_attention(module: nn.Module, hooks: AttentionHooks) -> None:
@@ -62,7 +86,7 @@ def register_attention(module: nn.Module, hooks: AttentionHooks) -> None:
 
 def _model_eager(module: nn.Module) -> Callable:
     """The family's own eager function (transformers keeps one per modeling file)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -73,7 +97,7 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
-def additive_mask(mask: Optional[Tensor], q_len: int, k_len: int, dtype: torch.dtype, device) -> Tensor:
+def additive_mask(mask: Optional[Tensor], q_len: int, k_len: int, dtype: torch.dtype, device: Union[str, torch.device]) -> Tensor:
     """Any mask transformers hands us (None = plain causal, bool = keep, float = additive) as additive."""
     if mask is None:
         offset = k_len - q_len  # queries are the last q_len positions when a KV cache is used
@@ -128,8 +152,13 @@ def interp_attention(
     attention_mask: Optional[Tensor],
     scaling: Optional[float] = None,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[Tensor, Optional[Tensor]]:
+    """The function transformers calls under `interp_sdpa` / `interp_eager` (see the module docstring).
+
+    query: [batch, head, q, d]; key/value: [batch, kv_head, k, d]. Returns z [batch, q, head, d]
+    and the pattern [batch, head, q, k] when eager attention formed one (else None).
+    """
     hooks = _REGISTRY.get(module)
     if hooks is None:  # a module we never wrapped: behave exactly like SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

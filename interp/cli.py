@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from .tables import TABLE_SUFFIXES, write_table
+
 if TYPE_CHECKING:
     from .heads.table import HeadJobSettings
     from .hooks import HookedModel
-
-TABLE_SUFFIXES = (".csv", ".parquet")
 # HeadJobSettings' messages start with the field name; `interp heads` shows its flag instead.
 HEAD_FLAGS = {"analyses": "--analyses", "n_prompts": "--prompts", "length": "--length", "ablation": "--ablation",
               "niah_lengths": "--niah-lengths", "niah_depths": "--niah-depths", "niah_per_cell": "--niah-per-cell"}
@@ -42,7 +42,7 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------- checks before any work
-def _check_model_args(args) -> None:
+def _check_model_args(args: argparse.Namespace) -> None:
     """--dtype and --device, before the model loads."""
     from .models.loading import DTYPES
 
@@ -81,7 +81,7 @@ def _patterns(text: str, flag: str) -> list[str]:
     return patterns
 
 
-def _check_cache_args(args) -> None:
+def _check_cache_args(args: argparse.Namespace) -> None:
     """What `interp cache` is given that can be checked before the model loads (cmd_cache checks the rest)."""
     if getattr(args, "prompts", None) is not None:
         prompts = Path(args.prompts)
@@ -99,7 +99,7 @@ def _check_cache_args(args) -> None:
 PRE_CHECKS = {"cache": _check_cache_args}
 
 
-def _load(args) -> "HookedModel":
+def _load(args: argparse.Namespace) -> "HookedModel":
     import interp
 
     return interp.load(args.model, dtype=args.dtype, device=args.device)
@@ -123,7 +123,7 @@ def _hook_filter(model: "HookedModel", patterns: str, flag: str = "--hooks") -> 
 
 
 # ---------------------------------------------------------------------------- lens
-def _check_lens_args(args) -> Optional[Path]:
+def _check_lens_args(args: argparse.Namespace) -> Optional[Path]:
     """Everything but the targets (those need the tokenizer); returns the --out path, if any."""
     if not args.prompt.strip():
         raise UsageError("--prompt is empty; give the text whose next token the lens should read")
@@ -151,7 +151,7 @@ def _check_targets(model: "HookedModel", targets: Sequence[str], top_k: int) -> 
                   f"the token {spaced!r} (pass --target {spaced!r} for that)", file=sys.stderr)
 
 
-def cmd_lens(args) -> int:
+def cmd_lens(args: argparse.Namespace) -> int:
     from .lens import logit_lens_table, readable_lens_table
 
     out = _check_lens_args(args)
@@ -161,25 +161,16 @@ def cmd_lens(args) -> int:
     print(f"{model}\nprompt tokens: {model.to_str_tokens(args.prompt)}")
     print("logit lens at the last position (tokens in quotes, so ' Paris' starts with a space; rank 0 = the top token):")
     print(readable_lens_table(table))
-    if out:
-        _write_table(table, out)
+    if out:  # the raw table: token strings as they are, numeric ranks
+        write_table(table, out)
+        print(f"wrote {out}")
     return 0
 
 
-def _write_table(table, path: Path) -> None:
-    """The raw table (token strings as they are, numeric ranks) as .parquet or .csv."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        table.to_parquet(path, index=False)
-    else:
-        table.to_csv(path, index=False)
-    print(f"wrote {path}")
-
-
-def cmd_cache(args) -> int:
+def cmd_cache(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .cache import CacheStore
+    from .store import CacheStore
 
     prompts_path = Path(args.prompts)
     if not prompts_path.exists():
@@ -214,7 +205,7 @@ def cmd_cache(args) -> int:
     return 0
 
 
-def cmd_hooks(args) -> int:
+def cmd_hooks(args: argparse.Namespace) -> int:
     if args.filter is not None:
         _patterns(args.filter, "--filter")
     model = _load(args)
@@ -231,7 +222,7 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
         raise UsageError(f"{flag} {text!r}: give comma-separated {example}") from None
 
 
-def _head_settings(args) -> "HeadJobSettings":
+def _head_settings(args: argparse.Namespace) -> "HeadJobSettings":
     """The job's settings from the flags; HeadJobSettings' own checks, reported with the flag names."""
     from .heads.table import HeadJobSettings
 
@@ -257,8 +248,8 @@ def _shard(text: str) -> tuple[int, int]:
         raise UsageError(str(e)) from None
 
 
-def cmd_heads(args) -> int:
-    from .heads.table import merge_head_parts, parts_dir_for, run_head_job, write_table
+def cmd_heads(args: argparse.Namespace) -> int:
+    from .heads.table import merge_head_parts, parts_dir_for, run_head_job
 
     out = _table_path(args.out, "the head table")
     shard = _shard(args.shard)
@@ -270,7 +261,6 @@ def cmd_heads(args) -> int:
     if shard[1] > 1:
         print(f"shard {shard[0]}/{shard[1]} done; when every shard is: interp merge {parts} [other parts folders] --out {out}")
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_table(merge_head_parts([parts]), out)
     print(f"wrote {out}")
     return 0
@@ -285,13 +275,12 @@ def _parts_folders(texts: Sequence[str]) -> list[Path]:
     return folders
 
 
-def cmd_merge(args) -> int:
-    from .heads.table import merge_head_parts, write_table
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .heads.table import merge_head_parts
 
     out = _table_path(args.out, "the head table")
     folders = _parts_folders(args.parts)
     table = merge_head_parts(folders)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_table(table, out)
     print(f"merged {len(args.parts)} parts folder(s): {len(table)} heads -> {out}")
     return 0
@@ -309,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _debug_flag(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p):
+    def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="bundled name (smollm2-135m), HF directory, .safetensors or .gguf file")
         p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
@@ -374,7 +363,7 @@ def _raised_by_interp(error: BaseException) -> bool:
 
 def error_line(error: BaseException) -> Optional[str]:
     """The one-line message for an error caused by the user's input; None for anything else (a bug: traceback)."""
-    from .cache import CacheError
+    from .store import CacheError
 
     if isinstance(error, UsageError):
         return str(error)
@@ -388,7 +377,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     if hasattr(args, "model"):
         _check_model_args(args)
     PRE_CHECKS.get(args.command, lambda _: None)(args)

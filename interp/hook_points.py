@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 HookFn = Callable[..., Optional[Tensor]]
@@ -87,7 +86,7 @@ def _fn_name(fn: HookFn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def check_returned(name: str, fn: HookFn, out, x: Tensor) -> None:
+def check_returned(name: str, fn: HookFn, out: object, x: Tensor) -> None:
     """Refuse what a hook function returned unless it is a tensor of the activation's shape, dtype and device."""
     where = f"hook function {_fn_name(fn)!r} on {name}"
     if not isinstance(out, Tensor) or out.shape != x.shape:

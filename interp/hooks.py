@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 from functools import partial
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import attention, sites
-from .hook_points import HookFn, HookPoint, unknown_hook_error
-from .models.adapters import Adapter, ModelConfig, build_adapter, merge_fused_qkv, split_fused_qkv
+from .activation_cache import ActivationCache
+from .hook_points import HookFn, HookPoint, get_act_name, unknown_hook_error
+from .models.adapters import Adapter, ModelConfig, build_adapter, checkpoint_name, merge_fused_qkv, split_fused_qkv
 
 Input = Union[str, Sequence[str], Tensor]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -147,20 +147,20 @@ class HookedModel(nn.Module):
     `adapter` (where the parts are), `hook_dict` (name -> HookPoint).
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer=None, name: Optional[str] = None):
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, name: Optional[str] = None):
         super().__init__()
         self.hf_model = hf_model.eval()
         self.hf_model.requires_grad_(False)  # analysis, not training: gradients flow to activations only
         self.tokenizer = tokenizer
-        self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.name = name or checkpoint_name(hf_model)
         self.adapter: Adapter = build_adapter(hf_model)
         self.cfg: ModelConfig = self.adapter.cfg
         self.hook_dict: dict[str, HookPoint] = {}
-        self._sites: list = []
+        self._sites: list[Union[sites.Site, sites.ResultSite]] = []
         self._fingerprint: Optional[tuple] = None
-        self._grad_handle = None
+        self._grad_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self._wire()
-        self._switch_attention()
+        attention.switch_to_hooked(self.hf_model)
 
     # ------------------------------------------------------------------ wiring
     def _point(self, name: str) -> HookPoint:
@@ -177,30 +177,29 @@ class HookedModel(nn.Module):
         self._site(a.embed, "post").add([p := self._point("hook_embed")], sites.whole(p))
         if a.pos_embed is not None:
             self._site(a.pos_embed, "post").add([p := self._point("hook_pos_embed")], sites.whole(p))
-        base = "sdpa" if self._base_attention() == "sdpa" else "eager"
+        base = "sdpa" if attention.base_implementation(self.hf_model) == "sdpa" else "eager"
         for l, parts in enumerate(a.layers):
-            pre = f"blocks.{l}."
             state: dict = {}
-            resid_pre = self._point(pre + "hook_resid_pre")
-            attn_out = self._point(pre + "hook_attn_out")
-            mlp_out = self._point(pre + "hook_mlp_out")
-            resid_post = self._point(pre + "hook_resid_post")
+            resid_pre = self._point(get_act_name("resid_pre", l))
+            attn_out = self._point(get_act_name("attn_out", l))
+            mlp_out = self._point(get_act_name("mlp_out", l))
+            resid_post = self._point(get_act_name("resid_post", l))
 
             points_for_pre = [resid_pre]
             attn_out_site = self._site(parts.attn_out, "post", state)
             attn_out_site.add([attn_out], sites.whole(attn_out))
             if not c.parallel_attn_mlp:  # parallel blocks have no resid_mid (as in TransformerLens)
-                mid = self._point(pre + "hook_resid_mid")
+                mid = self._point(get_act_name("resid_mid", l))
                 points_for_pre.append(mid)
                 attn_out_site.add([mid], sites.resid_mid(mid))
             self._site(parts.block, "pre", state).add(points_for_pre, sites.remember("resid_pre", resid_pre))
             self._site(parts.mlp_out, "post").add([mlp_out], sites.whole(mlp_out))
             self._site(parts.block, "post").add([resid_post], sites.whole(resid_post))
             for ln_name, module in (("ln1", parts.ln1), ("ln2", parts.ln2)):
-                self._site(module, "post").add([p := self._point(f"{pre}{ln_name}.hook_normalized")], sites.whole(p))
-            self._site(parts.mlp_down, "pre").add([p := self._point(pre + "mlp.hook_post")], sites.whole(p))
+                self._site(module, "post").add([p := self._point(get_act_name("normalized", l, ln_name))], sites.whole(p))
+            self._site(parts.mlp_down, "pre").add([p := self._point(get_act_name("post", l))], sites.whole(p))
 
-            q, k, v = (self._point(f"{pre}attn.hook_{x}") for x in "qkv")
+            q, k, v = (self._point(get_act_name(x, l)) for x in "qkv")
             if parts.qkv.layout == "separate":
                 for point, module, n in ((q, parts.qkv.q, c.n_heads), (k, parts.qkv.k, c.n_kv_heads), (v, parts.qkv.v, c.n_kv_heads)):
                     self._site(module, "post").add([point], sites.heads(point, n, c.d_head))
@@ -210,33 +209,20 @@ class HookedModel(nn.Module):
                 self._site(parts.qkv.q, "post").add([q, k, v], sites.fused_heads([q, k, v], split, merge))
 
             rotated = c.family not in ROPE_FAMILIES_WITHOUT
+            rot_q, rot_k = get_act_name("rot_q", l), get_act_name("rot_k", l)
             hooks = attention.AttentionHooks(
-                rot_q=self._point(pre + "attn.hook_rot_q") if rotated else HookPoint(pre + "attn.hook_rot_q"),
-                rot_k=self._point(pre + "attn.hook_rot_k") if rotated else HookPoint(pre + "attn.hook_rot_k"),
-                attn_scores=self._point(pre + "attn.hook_attn_scores"),
-                pattern=self._point(pre + "attn.hook_pattern"),
-                z=self._point(pre + "attn.hook_z"),
+                rot_q=self._point(rot_q) if rotated else HookPoint(rot_q),
+                rot_k=self._point(rot_k) if rotated else HookPoint(rot_k),
+                attn_scores=self._point(get_act_name("attn_scores", l)),
+                pattern=self._point(get_act_name("pattern", l)),
+                z=self._point(get_act_name("z", l)),
                 base=base,
             )
             attention.register_attention(parts.attn, hooks)
-            result = self._point(pre + "attn.hook_result")
+            result = self._point(get_act_name("result", l))
             compute = sites.head_results(result, partial(a.W_O, l), partial(a.b_O, l), c.n_heads)
             self._sites.append(sites.ResultSite(parts.o_proj, result, compute))
         self._site(a.final_norm, "post").add([p := self._point("ln_final.hook_normalized")], sites.whole(p))
-
-    def _base_attention(self) -> str:
-        impl = getattr(self.hf_model.config, "_attn_implementation", None) or "sdpa"
-        return impl.removeprefix("interp_")
-
-    def _switch_attention(self) -> None:
-        base = self._base_attention()
-        if base not in attention.BASES:
-            raise ValueError(
-                f"the model runs attention implementation {base!r}; the hook layer wraps 'sdpa' or 'eager'. "
-                "Load it with attn_implementation='sdpa' (default) or 'eager'."
-            )
-        attention.ensure_registered()
-        self.hf_model.set_attn_implementation(attention.implementation_name(base))
 
     # ------------------------------------------------------------------ hook management
     def hook_names(self) -> list[str]:
@@ -302,7 +288,7 @@ class HookedModel(nn.Module):
             self._sync()
 
     @contextlib.contextmanager
-    def kernel_controls(self, controls: dict) -> Iterator["HookedModel"]:
+    def kernel_controls(self, controls: dict[int, Any]) -> Iterator["HookedModel"]:
         """Run attention of chosen layers through the fused kernel with per-head controls.
 
         controls: {layer: interp.kernels.hf.KernelControls(head_gate=..., head_uniform=..., stats=..., on_stats=...)}.
@@ -318,7 +304,8 @@ class HookedModel(nn.Module):
             yield self
 
     # ------------------------------------------------------------------ tokens
-    def _require_tokenizer(self):
+    def require_tokenizer(self) -> Any:
+        """The model's tokenizer; a ValueError saying what to do when it was loaded without one."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids, or load it with a tokenizer")
         return self.tokenizer
@@ -331,7 +318,7 @@ class HookedModel(nn.Module):
         return self.to_tokens_and_mask(input, prepend_bos)[0]
 
     def to_tokens_and_mask(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None) -> tuple[Tensor, Tensor]:
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         rows = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
         bos = tok.bos_token_id
@@ -351,11 +338,11 @@ class HookedModel(nn.Module):
     def to_str_tokens(self, input: Union[str, Tensor], prepend_bos: Optional[bool] = None) -> list[str]:
         """One string per token of a single prompt."""
         ids = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else input.reshape(-1)
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         return [tok.decode([int(t)]) for t in ids]
 
     def to_string(self, tokens: Tensor) -> Union[str, list[str]]:
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         if tokens.ndim == 1:
             return tok.decode(tokens.tolist())
         return [tok.decode(r.tolist()) for r in tokens]
@@ -393,7 +380,7 @@ class HookedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
-    def forward(self, input: Input, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def forward(self, input: Input, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         """Logits [batch, pos, d_vocab] of the HF model, with whatever hooks are attached."""
         tokens, attention_mask = self.prepare_inputs(input, attention_mask)
         kwargs.setdefault("use_cache", False)
@@ -407,7 +394,7 @@ class HookedModel(nn.Module):
         fwd_hooks: HookSpec = (),
         bwd_hooks: HookSpec = (),
         attention_mask: Optional[Tensor] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> Tensor:
         """Forward with temporary hooks; they are detached when the forward returns.
 
@@ -424,15 +411,13 @@ class HookedModel(nn.Module):
         device: Union[None, str, torch.device] = None,
         remove_batch_dim: bool = False,
         attention_mask: Optional[Tensor] = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> tuple[Tensor, ActivationCache]:
         """Forward that records activations. Returns (logits, ActivationCache).
 
         Only the selected hook points are recorded, so `names_filter` is also how memory is
         kept down; patterns make attention run on the eager path for those layers only.
         """
-        from .cache import ActivationCache
-
         names = self.resolve_names(names_filter)
         store: dict[str, Tensor] = {}
 
@@ -463,7 +448,7 @@ class HookedModel(nn.Module):
         max_new_tokens: int = 16,
         return_type: str = "input",
         attention_mask: Optional[Tensor] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> Union[str, list[str], Tensor]:
         """Greedy decoding (HF's `generate`, KV cache on) with the attached hooks active.
 
@@ -493,7 +478,7 @@ class HookedModel(nn.Module):
 
     def _decode_generated(self, out: Tensor, prompt_mask: Tensor) -> list[str]:
         """One string per row of generate's output, the prompt's padding left out."""
-        tok = self._require_tokenizer()
+        tok = self.require_tokenizer()
         new = out.shape[1] - prompt_mask.shape[1]
         keep = torch.cat([prompt_mask.bool(), torch.ones(out.shape[0], new, dtype=torch.bool, device=out.device)], dim=1)
         return [tok.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
@@ -503,13 +488,15 @@ class HookedModel(nn.Module):
         """The model's own final norm, recomputed on any [..., d_model] tensor."""
         return self.adapter.final_norm(resid)
 
+    def apply_final_norm_frozen(self, stack: Tensor, resid: Tensor) -> Tensor:
+        """The final norm's map at `resid`, its scale frozen, applied to each component of `stack`
+        [component, ..., d_model] (no bias): the components still sum to the normed residual.
+        The adapter's `apply_norm_frozen`, one implementation per norm kind."""
+        return self.adapter.apply_norm_frozen(stack, resid)
+
     def unembed(self, normed: Tensor) -> Tensor:
         """Logits from a final-normed residual, including any final logit soft-capping."""
-        logits = self.adapter.unembed(normed)
-        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.adapter.apply_unembed(normed)
 
     def W_O(self, layer: int) -> Tensor:
         """[n_heads, d_head, d_model]"""

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .hook_points import get_act_name
 from .hooks import HookedModel, Input
 
 Target = Union[str, int]
@@ -33,7 +34,7 @@ CHUNK_ELEMENTS = 2**24
 def lens_components(model: HookedModel) -> list[tuple[str, str]]:
     """(label, hook name) per lens component: `{l}_pre` for each layer, then `final_post`."""
     n = model.cfg.n_layers
-    return [(f"{l}_pre", f"blocks.{l}.hook_resid_pre") for l in range(n)] + [("final_post", f"blocks.{n - 1}.hook_resid_post")]
+    return [(f"{l}_pre", get_act_name("resid_pre", l)) for l in range(n)] + [("final_post", get_act_name("resid_post", n - 1))]
 
 
 def _residuals(model: HookedModel, input: Input, attention_mask: Optional[Tensor]) -> tuple[Tensor, list[Tensor], list[str]]:
@@ -64,7 +65,7 @@ def logit_lens_logits(
 
 
 def _encode(model: HookedModel, text: str) -> list[int]:
-    return model._require_tokenizer().encode(text, add_special_tokens=False)
+    return model.require_tokenizer().encode(text, add_special_tokens=False)
 
 
 def target_pieces(model: HookedModel, target: str) -> list[str]:

@@ -1,19 +1,36 @@
 """Metrics on logits for patching: logit difference, answer probability, KL to a reference run.
 
-A metric maps logits of a prompt set to a scalar (the mean over prompts), so it can be
-handed to our sweeps and to TransformerLens's `get_act_patch_*` alike. Metrics that read only
-the final position say so with `last_position_only = True`; the sweeps then ask the model
-for the last position's logits alone, which saves the unembedding of every other position.
+A metric (the `Metric` protocol) maps logits of a prompt set to a scalar (the mean over
+prompts), so it can be handed to our sweeps, to ablation, EAP and faithfulness, and to
+TransformerLens's `get_act_patch_*` alike; a plain function or lambda on logits is one. Metrics
+that read only the final position say so with `last_position_only = True`; the sweeps then ask
+the model for the last position's logits alone, which saves the unembedding of every other
+position (and padded batches can be read at each prompt's last real token).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
 
-Metric = Callable[[Tensor], Tensor]
+
+@runtime_checkable
+class Metric(Protocol):
+    """A callable from logits Float[Tensor, "batch pos d_vocab"] to a scalar Float[Tensor, ""].
+
+    Optional attributes the toolkit reads: `last_position_only` (bool; the metric reads only the
+    final position, so it may be handed logits [batch, 1, d_vocab], and a right-padded batch is
+    read at each prompt's last real token) and `name` (str, for tables; see `metric_name`).
+    A metric that needs more than logits (tokens, a reference run) binds it when it is built,
+    as `LogitDiff(answer_tokens)` does.
+    """
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """logits: Float[Tensor, "batch pos d_vocab"] (or "batch 1 d_vocab"); returns Float[Tensor, ""]."""
+        ...
+
 
 # How to batch prompts of unequal length where padding cannot be read correctly.
 BATCH_BY_LENGTH = "group the prompts by token length (key each by len(model.to_tokens(p)[0])) and make one call per group"
@@ -74,8 +91,8 @@ def _answers(answer_tokens: Tensor) -> Tensor:
     return answer_tokens.long()
 
 
-def _accumulate(x: Tensor) -> Tensor:
-    """At least float32; float64 stays float64 (so float64 references stay exact)."""
+def accumulate(x: Tensor) -> Tensor:
+    """x in at least float32 for sums and softmaxes; float64 stays float64 (so float64 references stay exact)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -93,7 +110,7 @@ class LogitDiff:
     last_position_only = True
     name = "logit_diff"
 
-    def __init__(self, answer_tokens: Tensor):
+    def __init__(self, answer_tokens: Tensor) -> None:
         self.answers = _answers(answer_tokens)
         if self.answers.shape[1] != 2:
             raise ValueError(f"logit difference needs (correct, wrong) answer pairs, got shape {tuple(self.answers.shape)}")
@@ -102,7 +119,7 @@ class LogitDiff:
         """Float[Tensor, "prompt"] from logits Float[Tensor, "prompt pos d_vocab"]."""
         _check_rows(logits, self.answers)
         picked = logits[:, -1].gather(-1, self.answers.to(logits.device))
-        return _accumulate(picked[:, 0] - picked[:, 1])
+        return accumulate(picked[:, 0] - picked[:, 1])
 
     def __call__(self, logits: Tensor) -> Tensor:
         return self.per_prompt(logits).mean()
@@ -114,12 +131,13 @@ class AnswerProb:
     last_position_only = True
     name = "answer_prob"
 
-    def __init__(self, answer_tokens: Tensor):
+    def __init__(self, answer_tokens: Tensor) -> None:
         self.answers = _answers(answer_tokens)
 
     def per_prompt(self, logits: Tensor) -> Tensor:
+        """The correct answer's probability per prompt."""
         _check_rows(logits, self.answers)
-        probs = _accumulate(logits[:, -1]).softmax(-1)
+        probs = accumulate(logits[:, -1]).softmax(-1)
         return probs.gather(-1, self.answers[:, :1].to(logits.device))[:, 0]
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -135,13 +153,14 @@ class KLToReference:
     last_position_only = True
     name = "kl_to_clean"
 
-    def __init__(self, reference_logits: Tensor):
-        self.reference = _accumulate(reference_logits[:, -1]).log_softmax(-1)
+    def __init__(self, reference_logits: Tensor) -> None:
+        self.reference = accumulate(reference_logits[:, -1]).log_softmax(-1)
 
     def per_prompt(self, logits: Tensor) -> Tensor:
+        """KL(reference || patched) per prompt."""
         if logits.shape[0] != self.reference.shape[0]:
             raise ValueError(f"logits have {logits.shape[0]} prompts but the reference has {self.reference.shape[0]}")
-        logp = _accumulate(logits[:, -1]).log_softmax(-1)
+        logp = accumulate(logits[:, -1]).log_softmax(-1)
         ref = self.reference.to(logp.device)
         return (ref.exp() * (ref - logp)).sum(-1)
 
@@ -149,8 +168,16 @@ class KLToReference:
         return self.per_prompt(logits).mean()
 
 
-def make_metric(metric: Union[str, Metric], answer_tokens=None, clean_logits=None) -> Metric:
-    """A metric from its name ("logit_diff", "prob", "kl") or a callable on logits, returned as is."""
+def make_metric(
+    metric: Union[str, Metric],
+    answer_tokens: Optional[Tensor] = None,
+    clean_logits: Optional[Tensor] = None,
+) -> Metric:
+    """A metric from its name ("logit_diff", "prob", "kl") or a callable on logits, returned as is.
+
+    "logit_diff" and "prob" need `answer_tokens` ((correct, wrong) per prompt); "kl" needs the
+    reference (clean) run's logits.
+    """
     if callable(metric):
         return metric
     if metric in ("logit_diff", "prob") and answer_tokens is None:
@@ -165,4 +192,5 @@ def make_metric(metric: Union[str, Metric], answer_tokens=None, clean_logits=Non
 
 
 def metric_name(metric: Metric) -> str:
+    """The metric's `name`, else its function name, else its class name."""
     return getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))

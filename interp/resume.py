@@ -6,21 +6,23 @@ the embeddings: it can start at block l from the cached residual stream, and at 
 with the run's own keys and values for positions < p as a KV cache. This is what makes a
 patching sweep cheaper than one full forward per patch.
 
-Blocks before `layer` are skipped by giving them, for the duration of the call, a `forward`
-that returns the cached residual stream; the HF model's own forward does everything else
-(embedding, masks, rotary embeddings, final norm, logits), so there is no re-implementation.
+Blocks before `layer` are skipped by the adapter (`Adapter.skip_blocks`: for the duration of
+the call they return the cached residual stream); the HF model's own forward does everything
+else (embedding, masks, rotary embeddings, final norm, logits), so there is no
+re-implementation. The KV cache is built and read by `interp.models.kv_cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .hook_points import HookPoint, get_act_name
 from .hooks import HookedModel, contiguous_unembed_input
-from .models.kv_cache import cache_from_key_values, forward_with_cache, key_values
+from .models.kv_cache import cache_from_key_values, forward_with_cache, forward_without_cache, key_values
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RunState:
 
     @property
     def can_resume_positions(self) -> bool:
+        """Whether `forward_from` may start at a position > 0 (the run kept its keys and values)."""
         return self.keys is not None
 
 
@@ -52,11 +55,11 @@ def _position_resumable(model: HookedModel) -> bool:
 @torch.no_grad()
 def capture_run(model: HookedModel, tokens: Tensor) -> RunState:
     """One forward of `tokens` that records resid_pre at every layer and the KV cache."""
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+    names = [get_act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     resumable = _position_resumable(model)
     store: dict[str, Tensor] = {}
 
-    def save(x: Tensor, hook) -> None:
+    def save(x: Tensor, hook: HookPoint) -> None:
         store[hook.name] = x.detach().clone()
 
     keys = values = None
@@ -65,21 +68,8 @@ def capture_run(model: HookedModel, tokens: Tensor) -> RunState:
             _, cache = forward_with_cache(model.hf_model, tokens, None, logits_to_keep=1)
             keys, values = (list(kv) for kv in zip(*key_values(cache)))
         else:
-            model.hf_model(input_ids=tokens, use_cache=False, logits_to_keep=1)
+            forward_without_cache(model.hf_model, tokens, logits_to_keep=1)
     return RunState(tokens, [store[n] for n in names], keys, values)
-
-
-@contextlib.contextmanager
-def _skip_blocks(model: HookedModel, layer: int, resid: Tensor) -> Iterator[None]:
-    """Blocks 0..layer-1 return `resid` instead of computing; block `layer` receives it as its input."""
-    blocks = [model.adapter.layers[i].block for i in range(layer)]
-    try:
-        for block in blocks:
-            block.forward = lambda hidden_states, *args, **kwargs: resid
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
 
 
 def forward_from(
@@ -88,13 +78,15 @@ def forward_from(
     layer: int,
     start_pos: int = 0,
     copies: int = 1,
-    logits_to_keep: int = 0,
+    logits_to_keep: Union[int, Tensor] = 0,
 ) -> Tensor:
     """Logits of the run's tokens, `copies` times over, computed from block `layer` and position `start_pos`.
 
     Rows are copy-major: row j * batch + i is copy j of prompt i. Hooks attached to the model
     fire as usual at layers >= `layer`, seeing positions start_pos.. only. Returns
-    Float[Tensor, "copies*batch kept d_vocab"], kept = pos - start_pos (or `logits_to_keep`).
+    Float[Tensor, "copies*batch kept d_vocab"], kept = pos - start_pos (or `logits_to_keep`: HF's, an
+    int n for the last n positions, 0 for all, or Long[Tensor, "copies*batch 1"] one position per row,
+    counted from start_pos, as `interp.metrics.keep_last` makes for a padded batch).
     """
     if start_pos and not run.can_resume_positions:
         raise ValueError(f"{model.cfg.family} uses sliding-window attention: this run can only resume at position 0")
@@ -114,9 +106,9 @@ def forward_from(
             model.hf_model,
         )
     resid = run.resid_pre[layer][:, start_pos:].repeat(copies, 1, 1)
-    with _skip_blocks(model, layer, resid), contiguous_unembed_input(model.hf_model):
+    with model.adapter.skip_blocks(layer, resid), contiguous_unembed_input(model.hf_model):
         if cache is None:
-            out = model.hf_model(input_ids=tokens, use_cache=False, logits_to_keep=logits_to_keep)
+            out = forward_without_cache(model.hf_model, tokens, logits_to_keep=logits_to_keep)
         else:
             out, _ = forward_with_cache(model.hf_model, tokens, cache, logits_to_keep=logits_to_keep)
     return out.logits

@@ -109,7 +109,7 @@ def heads(point: HookPoint, n_heads: int, d_head: int) -> Tap:
     return tap
 
 
-def fused_heads(points: list[HookPoint], split, merge) -> Tap:
+def fused_heads(points: list[HookPoint], split: Callable[[Tensor], list[Tensor]], merge: Callable[[list[Tensor]], Tensor]) -> Tap:
     """q, k, v out of one fused projection; each point sees [batch, pos, head, d_head]."""
 
     def tap(x: Tensor, state: dict) -> Tensor:
@@ -120,7 +120,9 @@ def fused_heads(points: list[HookPoint], split, merge) -> Tap:
     return tap
 
 
-def head_results(point: HookPoint, W_O: Callable[[], Tensor], b_O: Callable[[], Optional[Tensor]], n_heads: int) -> Callable:
+def head_results(
+    point: HookPoint, W_O: Callable[[], Tensor], b_O: Callable[[], Optional[Tensor]], n_heads: int
+) -> Callable[[Tensor, Tensor], Tensor]:
     """hook_result on the output projection: per-head writes [batch, pos, head, d_model].
 
     Needs the projection's input, so it is a forward hook with its own signature (see `ResultSite`).

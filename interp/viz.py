@@ -22,6 +22,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .atomic import atomic_write
+
 DIVERGING = "RdBu"
 SEQUENTIAL = "Viridis"
 
@@ -212,9 +214,53 @@ def curve(df: pd.DataFrame, x: str, y: str, color: Optional[str] = None, title: 
     return _layout(fig, title or f"{y} by {x}", x, y, reverse_y=False)
 
 
+def niah_heatmap(table: pd.DataFrame, title: str = "NIAH accuracy") -> go.Figure:
+    """Needle-in-a-haystack accuracy: context length x needle depth, 0..1 red to green, each cell annotated.
+
+    table: `interp.heads.niah.niah_accuracy(...)`, index n_tokens, columns depth, values accuracy.
+    """
+    fig = go.Figure(
+        go.Heatmap(
+            z=table.values, x=[f"{d:g}" for d in table.columns], y=[str(n) for n in table.index],
+            zmin=0, zmax=1, colorscale="RdYlGn", text=table.round(2).values, texttemplate="%{text}",
+        )
+    )
+    fig.update_layout(title=title, xaxis_title="needle depth", yaxis_title="context tokens")
+    return fig
+
+
 def save_html(fig: go.Figure, path: Union[str, Path], include_plotlyjs: Union[bool, str] = True) -> Path:
     """Write the figure as a standalone HTML file (plotly.js embedded by default, so it opens offline)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=include_plotlyjs)
-    return path
+    return atomic_write(path, lambda tmp: fig.write_html(str(tmp), include_plotlyjs=include_plotlyjs), suffix=".html")
+
+
+def circuit_figure(circuit, title: Optional[str] = None) -> go.Figure:
+    """A circuit (`interp.circuits.Circuit`) as a figure: x = head index (MLPs at the right),
+    y = layer, the input at the top and the logits at the bottom; lines are edges, coloured by the
+    sign of their score (blue supports the clean answer, red opposes)."""
+    from .circuits.serialize import edge_colour  # here: the circuits package is optional for viz users
+
+    def xy(node) -> tuple[float, float]:
+        if node.kind == "input":
+            return (circuit.n_heads / 2, -1)
+        if node.kind == "logits":
+            return (circuit.n_heads / 2, circuit.n_layers)
+        if node.kind == "mlp":
+            return (circuit.n_heads + 0.5, node.layer + 0.5)
+        return (node.index, node.layer)
+
+    fig = go.Figure()
+    for e in circuit.drawn_edges():
+        (x0, y0), (x1, y1) = xy(e.src), xy(e.dst)
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", showlegend=False,
+                                 text=f"{e.src.name}->{e.dst.name} {e.channel} {e.score:+.3g}",
+                                 line=dict(color=edge_colour(e.score), width=1)))
+    nodes = circuit.nodes
+    pts = [xy(n) for n in nodes]
+    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+text", text=[n.name for n in nodes],
+                             textposition="top center", marker=dict(size=10, color="#333"), showlegend=False))
+    fig.update_layout(title=title or f"circuit: {len(circuit.edges)} edges, {len(nodes)} nodes",
+                      xaxis_title="head (MLP at right)", yaxis_title="layer", template="plotly_white")
+    return fig

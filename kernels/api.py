@@ -17,7 +17,7 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def choose_backend(q: Tensor, *controls) -> str:
+def choose_backend(q: Tensor, *controls: object) -> str:
     """Triton for CUDA inputs without gradients (fp16/bf16/fp32, triton installed); the reference otherwise."""
     if not q.is_cuda or q.dtype == torch.float64 or _wants_grad(q, *controls):
         return "reference"

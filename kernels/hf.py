@@ -21,8 +21,8 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,7 @@ def kernel_attention_forward(
     attention_mask: Optional[Tensor],
     scaling: Optional[float] = None,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature: query [B, Hq, S, D], key/value [B, Hkv, K, D]
     (after RoPE and the KV cache) -> (out [B, S, Hq, D], None). Attention weights are never formed."""

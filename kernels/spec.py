@@ -27,6 +27,23 @@ from torch import Tensor
 STATS = ("col_sum", "row_max", "row_argmax", "row_entropy", "lse")
 
 
+def sink_alpha(col_sum: Tensor, n_queries: Optional[Tensor] = None) -> Tensor:
+    """Gu et al.'s sink score alpha(k) = col_sum(k) / (number of queries that see key k): Float[Tensor, "... k_len"].
+
+    ("When Attention Sink Emerges in Language Models", 2024.) The one definition of alpha:
+    `interp.heads.sinks`, ACT's calibration and `AttentionStats.alpha` all call it.
+    col_sum: Float[Tensor, "... k_len"], sum over queries i of A[i, k].
+    n_queries: counts broadcastable to col_sum, or None for Gu's denominator T - k (0-based k,
+    T = k_len): the count under causal attention with q_len == k_len and no other mask, which
+    Gu's code keeps on sliding-window layers too. A count of 0 (a key no query sees, whose
+    col_sum is 0) gives alpha = 0. Computed and returned in col_sum's dtype.
+    """
+    if n_queries is None:
+        T = col_sum.shape[-1]
+        return col_sum / torch.arange(T, 0, -1, dtype=col_sum.dtype, device=col_sum.device)
+    return col_sum / n_queries.clamp(min=1).to(col_sum.dtype)
+
+
 @dataclass
 class AttentionStats:
     """Statistics of one attention call, per query head (never T x T).
@@ -53,11 +70,13 @@ class AttentionStats:
 
         ("When Attention Sink Emerges in Language Models", 2024.) With causal attention and
         q_len == k_len the queries that see key k are i = k .. T-1; in general the count is
-        `n_queries` (causality and mask included). Keys no query sees get alpha = 0.
+        `n_queries` (causality and mask included: on a sliding-window layer min(window, T - k),
+        where `interp.heads.sinks` keeps Gu's T - k). Keys no query sees get alpha = 0.
+        `sink_alpha(col_sum, n_queries)`.
         """
         if self.col_sum is None or self.n_queries is None:
             raise ValueError("alpha needs col_sum: call attention(..., stats=('col_sum',)).")
-        return self.col_sum / self.n_queries.clamp(min=1).to(self.col_sum.dtype)
+        return sink_alpha(self.col_sum, self.n_queries)
 
     def as_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf, make_tiny
 
 import interp
-from interp.heads.ablation import ablate_heads, lm_loss, single_head_ablation
+from interp.heads.ablation import ablate_heads
+
+from conftest import make_hf, make_tiny
 
 
 def _ref_tokens(seed: int, shape=(2, 7)) -> torch.Tensor:
@@ -172,87 +173,3 @@ def test_bad_input_errors(tokens):
     with pytest.raises(ValueError, match="needs `reference`"):
         with ablate_heads(model, [(0, 0)], how="mean"):
             pass
-
-
-@pytest.mark.parametrize("how", ["zero", "uniform", "mean", "resample"])
-def test_batched_sweep_equals_one_at_a_time(how, tokens):
-    model = make_tiny("llama")
-    ref = _ref_tokens(13)
-    metric = lm_loss
-    df = single_head_ablation(model, tokens, metric, how=how, batch_heads=3, reference=ref)
-    assert len(df) == 8 and list(df.columns) == ["layer", "head", "metric", "delta", "how"]
-    clean = float(metric(model(tokens), tokens))
-    for row in df.to_dict("records"):
-        with ablate_heads(model, [(row["layer"], row["head"])], how=how, reference=ref):
-            one = float(metric(model(tokens), tokens))
-        assert row["metric"] == pytest.approx(one, abs=1e-5)
-        assert row["delta"] == pytest.approx(one - clean, abs=1e-5)
-    assert df.delta.abs().max() > 1e-4
-
-
-def test_lm_loss_matches_cross_entropy(tokens):
-    logits = torch.randn(2, 7, 100, generator=torch.Generator().manual_seed(0))
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100), tokens[:, 1:].reshape(-1))
-    torch.testing.assert_close(lm_loss(logits, tokens), ref)
-
-
-# ---------------------------------------------------------------------------- ACT calibration
-from interp.heads.ablation import act_calibrate, act_search, calibrate_heads, calibrate_pattern  # noqa: E402
-
-
-def test_calibrate_pattern_hand_worked():
-    # alpha = [1.3/3, 1.4/2, 0.3/1]; threshold 0.5 -> key 1 is the only non-initial sink.
-    p = torch.tensor([[1.0, 0, 0], [0.2, 0.8, 0], [0.1, 0.6, 0.3]])[None, None]
-    got = calibrate_pattern(p, torch.tensor([[True]]), beta=0.4, threshold=0.5)[0, 0]
-    # row 1: key 1 keeps .32, the .48 removed goes to key 0 (the only other key) -> .68
-    # row 2: key 1 keeps .24, .36 is shared by keys 0 and 2 as .1 : .3 -> +.09, +.27
-    expected = torch.tensor([[1.0, 0, 0], [0.68, 0.32, 0], [0.19, 0.24, 0.57]])
-    torch.testing.assert_close(got, expected)
-    # the first token is never a calibrated sink, whatever its alpha
-    torch.testing.assert_close(calibrate_pattern(p, torch.tensor([[True]]), 0.4, 0.71)[0, 0], p[0, 0])
-    # an unselected head is untouched
-    torch.testing.assert_close(calibrate_pattern(p, torch.tensor([[False]]), 0.4, 0.5), p)
-
-
-def test_calibrate_pattern_rows_sum_to_one():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 3, 12, 12, generator=g) * 3
-    scores = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
-    p = scores.softmax(-1)
-    new = calibrate_pattern(p, torch.ones(1, 3, dtype=torch.bool), beta=0.4, threshold=0.1)
-    torch.testing.assert_close(new.sum(-1), torch.ones(2, 3, 12))
-    assert not torch.allclose(new, p)
-    assert bool((new.triu(1) == 0).all())  # still causal
-    with pytest.raises(ValueError, match="q == k"):
-        calibrate_pattern(p[:, :, -1:], torch.ones(1, 3, dtype=torch.bool))
-
-
-def test_calibrate_heads_edits_the_model_pattern(tokens):
-    model = make_tiny("llama")
-    name = "blocks.0.attn.hook_pattern"
-    _, clean = model.run_with_cache(tokens, names_filter=name)
-    with calibrate_heads(model, [(0, 1)], beta=0.4, threshold=0.1):
-        _, cache = model.run_with_cache(tokens, names_filter=name)
-        cal_logits = model(tokens)
-    sel = torch.tensor([[False, True, False, False]])
-    torch.testing.assert_close(cache[name], calibrate_pattern(clean[name], sel, 0.4, 0.1))
-    assert not torch.allclose(cal_logits, model(tokens), atol=1e-5)
-
-
-def test_act_search_batched_and_calibrate_summary(tokens):
-    model = make_tiny("llama")
-    df = act_search(model, tokens, lm_loss, batch_heads=3)
-    clean = float(lm_loss(model(tokens), tokens))
-    for row in df.to_dict("records"):
-        with calibrate_heads(model, [(row["layer"], row["head"])]):
-            one = float(lm_loss(model(tokens), tokens))
-        assert row["metric"] == pytest.approx(one, abs=1e-5)
-        assert row["delta"] == pytest.approx(one - clean, abs=1e-5)
-    held = _ref_tokens(21)
-    search, summary = act_calibrate(model, tokens, held, lm_loss)
-    chosen = search[search.delta < 0]
-    assert summary.set.tolist() == ["calibration", "held_out"]
-    assert (summary.n_heads == len(chosen)).all()
-    assert summary.loc[0, "clean"] == pytest.approx(clean, abs=1e-6)
-    with calibrate_heads(model, list(zip(chosen.layer, chosen["head"]))):
-        assert summary.loc[1, "calibrated"] == pytest.approx(float(lm_loss(model(held), held)), abs=1e-6)

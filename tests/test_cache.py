@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import interp.atomic as atomic_mod
-import interp.cache as cache_mod
-from conftest import make_tiny
+import interp.store as store_mod
 from interp.cache import ActivationCache, CacheError, CacheStore, cache_key
+
+from conftest import make_tiny
 
 # Pattern/score hooks send attention down the eager path; everything else keeps SDPA bit-identical.
 EXACT = lambda n: "pattern" not in n and "scores" not in n  # noqa: E731
@@ -298,7 +299,7 @@ def test_killed_while_writing_data_or_manifest(tmp_path, monkeypatch):
             f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{")  # a truncated header
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "save_file", half_written)
+    monkeypatch.setattr(store_mod, "save_file", half_written)
     with pytest.raises(KeyboardInterrupt):
         store.put("k2", acts(2))
     monkeypatch.undo()

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import word_tokenizer
 
 from interp.circuits.tasks.base import check_task
 from interp.circuits.tasks.factual import factual_facts, factual_prompts
 from interp.circuits.tasks.greater_than import greater_than_prompts
 from interp.circuits.tasks.induction import induction_loss, induction_prompts, induction_scores
 from interp.circuits.tasks.multiple_choice import multiple_choice_prompts
+
+from conftest import word_tokenizer
 
 
 def test_induction_layout_and_metric():

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import interp
-from conftest import make_hf, word_tokenizer
 from interp.cache import CacheStore
 from interp.cli import main
+
+from conftest import make_hf, word_tokenizer
 
 PROMPTS = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13"]
 RESID_POST = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from conftest import make_hf, word_tokenizer
 from interp.cli import UsageError, main
 from interp.heads.table import HeadJobSettings
+
+from conftest import make_hf, word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny
-
 from interp.cache import CacheError
 from interp.cli import main
-from interp.heads import importance, sinks
+from interp.heads import importance, retrieval, sinks
 from interp.heads import table as T
+
+from conftest import make_tiny
 
 SETTINGS = dict(analyses=("sink", "ablation", "importance"), n_prompts=5, length=12)
 
@@ -49,6 +49,47 @@ def test_table_values_equal_the_analysis_modules(model, tmp_path):
     _, norm = importance.head_importance_scores(model, tokens, batch_size=1)
     torch.testing.assert_close(torch.tensor(table.importance.to_numpy()), norm.flatten().double(), atol=1e-5, rtol=1e-4)
     assert table.ablation_delta.abs().max() > 0
+
+
+def test_sink_columns_are_sinks_own_summary(model, tmp_path, monkeypatch):
+    """sink_score, sink_share, is_sink and n_secondary_sinks are sinks.sink_scores' columns on the same prompts,
+    with sinks.MIN_QUERIES (a length of 24 leaves keys 1..8 seen by >= 16 queries)."""
+    settings = T.HeadJobSettings(**{**SETTINGS, "length": 24, "analyses": ("sink",), "secondary_threshold": 0.05})
+    T.run_head_job(model, tmp_path / "a", settings, progress=False)
+    table = T.merge_head_parts([tmp_path / "a"])
+    alpha = sinks.attention_alpha(model, sinks.sink_tokens(model, T._text_prompts(settings), 24))
+    expected = sinks.sink_scores(alpha, settings.eps, settings.secondary_threshold)
+    for ours, theirs in (("sink_score", "sink_score"), ("sink_share", "sink_share"), ("n_secondary_sinks", "n_secondary")):
+        torch.testing.assert_close(torch.tensor(table[ours].to_numpy()), torch.tensor(expected[theirs].to_numpy()), atol=1e-12, rtol=0)
+    assert table.is_sink.tolist() == expected.is_sink.tolist()
+    assert table.n_secondary_sinks.max() > 0  # the check above compares something
+    monkeypatch.setattr(sinks, "MIN_QUERIES", 24)  # no key is seen by 24 queries but key 0
+    T.run_head_job(model, tmp_path / "b", settings, progress=False)
+    assert T.merge_head_parts([tmp_path / "b"]).n_secondary_sinks.max() == 0
+
+
+def test_retrieval_columns_are_retrievals_own_summary(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    per_sample = torch.rand(4, 2, 3, generator=g, dtype=torch.float64) * 0.3
+    counted = [True, False, True, True]
+    items = [{"score": per_sample[i], "counted": torch.tensor([c])} for i, c in enumerate(counted)]
+    columns = T._scores("retrieval", items, {})
+    frame = retrieval.scores_frame(per_sample, counted)
+    assert torch.equal(columns["retrieval_score"].flatten(), torch.tensor(frame.retrieval_score.to_numpy()))
+    assert columns["is_retrieval_head"].flatten().tolist() == (frame.retrieval_score > retrieval.THRESHOLD).tolist()
+    assert bool((columns["retrieval_samples_counted"] == 3).all())
+    monkeypatch.setattr(retrieval, "THRESHOLD", 0.2)
+    assert columns["is_retrieval_head"].tolist() != T._scores("retrieval", items, {})["is_retrieval_head"].tolist()
+    none = T._scores("retrieval", [{**x, "counted": torch.tensor([False])} for x in items], {})
+    assert bool(none["retrieval_score"].isnan().all()) and not bool(none["is_retrieval_head"].any())
+
+
+def test_importance_columns_use_importances_normalisation(model, tmp_path):
+    raw = torch.rand(2, 4, dtype=torch.float64)
+    items = [{"abs_grad": raw}, {"abs_grad": raw * 3}]
+    columns = T._scores("importance", items, {})
+    assert torch.equal(columns["importance_raw"], raw * 2)
+    assert torch.equal(columns["importance"], importance.normalise_per_layer(raw * 2))
 
 
 def test_a_killed_job_resumes_without_recomputing(model, tmp_path, monkeypatch):

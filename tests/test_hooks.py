@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, make_hf, make_tiny
+from conftest import make_hf, make_tiny
 
 # Hooks present in every family; resid_mid is absent in parallel-residual blocks (GPT-NeoX).
 PER_LAYER = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post", "ln1.hook_normalized",

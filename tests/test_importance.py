@@ -5,11 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest import make_hf
 
 import interp
 from interp.heads.ablation import lm_loss
 from interp.heads.importance import head_importance, head_importance_scores, pruning_curve, pruning_order
+
+from conftest import make_hf
 
 
 def _tokens(shape=(3, 8), seed=2):

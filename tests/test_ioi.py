@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny, word_tokenizer
 
 from interp.circuits.tasks.base import PromptPairs, check_task
 from interp.circuits.tasks.ioi import ioi_names, ioi_prompts, ioi_templates, single_token_words
+
+from conftest import make_tiny, word_tokenizer
 
 # Word-tokenizer words: w4..w9 and w40..w99 are single tokens (w10 splits into the special w1 + w0).
 NAMES = [f"w{i}" for i in range(40, 50)]

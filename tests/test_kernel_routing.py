@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny
-
 from interp.kernels.hf import KernelControls, StatsRecorder
+
+from conftest import make_tiny
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])

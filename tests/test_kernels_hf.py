@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf
 
 import interp
 from interp.kernels.hf import NAME, KernelControls, StatsRecorder, clear_controls, controlled, get_controls, set_controls
+
+from conftest import make_hf
 
 
 @pytest.fixture(autouse=True)

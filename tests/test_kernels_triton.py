@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from interp.kernels import attention  # noqa: E402
 from interp.kernels import triton_attention as ta  # noqa: E402
+
 from test_kernels_reference import check, fresh_seed, make_qkv, oracle  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES, make_hf, make_tiny
-
-import pandas as pd
 
 from interp.lens import logit_lens_frame, logit_lens_logits, logit_lens_table, readable_lens_table, space_variant, target_pieces
+
+from conftest import FAMILIES, make_hf, make_tiny
 
 TOKENS = torch.tensor([[5, 6, 7, 8, 9, 44], [45, 46, 47, 48, 49, 50]])
 

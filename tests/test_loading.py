@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BertConfig, OPTConfig, OPTForCaus
 
 import interp
 import interp.models.bundled as bundled
+
 from conftest import VOCAB, make_hf, word_tokenizer
 
 TOKENS = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, make_hf, make_tiny, word_tokenizer
-
 import interp
 from interp.cache import CacheStore
 from interp.metrics import KLToReference, LogitDiff
-from interp.path_patching import path_patch
 from interp.patching import COMPONENTS, activation_patch, attribution_patch
+from interp.path_patching import path_patch
+
+from conftest import VOCAB, make_hf, make_tiny, word_tokenizer
 
 
 def prompt_set(seed: int = 3, n: int = 3, pos: int = 8):
@@ -36,7 +36,7 @@ def naive_sweep(model, component, by, clean, corrupted, metric, direction="denoi
     run, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     names = [comp.hook_name(l) for l in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(source, names_filter=names)
-    n_heads = model.cfg.n_kv_heads if comp.layout == "kv_heads" else model.cfg.n_heads
+    n_heads = model.cfg.n_kv_heads if comp.layout.name == "kv_heads" else model.cfg.n_heads
     n_pos = clean.shape[1]
     out = torch.zeros(model.cfg.n_layers, *([n_pos] if by != "head" else []), *([n_heads] if by != "pos" else []))
     for index in torch.cartesian_prod(*[torch.arange(s) for s in out.shape]).reshape(-1, out.ndim).tolist():
@@ -45,9 +45,9 @@ def naive_sweep(model, component, by, clean, corrupted, metric, direction="denoi
 
         def patch(x, hook):
             x = x.clone()
-            if comp.layout == "resid":
+            if comp.layout.name == "resid":
                 x[:, rest[0]] = src[:, rest[0]]
-            elif comp.layout == "pattern":
+            elif comp.layout.name == "pattern":
                 sl = (slice(None), rest[0]) if by == "head" else (slice(None), rest[1], rest[0])
                 x[sl] = src[sl]
             else:
@@ -57,7 +57,7 @@ def naive_sweep(model, component, by, clean, corrupted, metric, direction="denoi
 
         with torch.no_grad():
             out[tuple(index)] = metric(model.run_with_hooks(run, fwd_hooks=[(comp.hook_name(layer), patch)]))
-    if comp.layout == "pattern" and by == "pos_head":
+    if comp.layout.name == "pattern" and by == "pos_head":
         out = out.transpose(1, 2)
     return out
 
@@ -123,19 +123,19 @@ def test_no_op_patches_are_not_run_and_patches_resume_at_their_first_change(monk
     """prompt_set differs at positions 2 and 5: before 2 every activation is shared, and at
     layer 0 resid_pre differs only at the changed tokens. Only the other patches are run, each
     from the first position it changes, and the results still equal the naive sweep."""
-    import interp.patching as patching
+    import interp.patching.activation as activation
 
     model = make_tiny("llama")
     clean, corrupted, answers = prompt_set()
     metric = LogitDiff(answers)
     runs = []
-    real = patching._run_chunk
+    real = activation._run_chunk
 
     def spy(model, run, comp, layer, groups, src, start, metric, kept):
         runs.append((comp.name, layer, start, list(groups)))
         return real(model, run, comp, layer, groups, src, start, metric, kept)
 
-    monkeypatch.setattr(patching, "_run_chunk", spy)
+    monkeypatch.setattr(activation, "_run_chunk", spy)
     resid = activation_patch(model, "resid_pre", clean, corrupted, metric)
     patched = {(layer, pos) for name, layer, _, groups in runs for pos, _ in groups}
     assert patched == {(0, 2), (0, 5)} | {(1, p) for p in range(2, 8)}
@@ -309,7 +309,7 @@ def naive_path_patch(model, clean, corrupted, metric, receivers, receiver_input)
 
 @pytest.mark.parametrize("receiver_input,receivers", [("q", [(2, 1), (3, 0)]), ("v", [(3, 1)])])
 def test_path_patching_equals_naive_two_step_reference(receiver_input, receivers):
-    from transformers import LlamaConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny
-
 from interp.resume import capture_run, forward_from
+
+from conftest import make_tiny
 
 
 @pytest.mark.parametrize("layer", [0, 1])

@@ -7,7 +7,6 @@ import random
 import pandas as pd
 import pytest
 import torch
-from conftest import VOCAB, make_tiny
 
 from interp.data.haystack import Haystack
 from interp.heads.niah import greedy_decode, rouge1_recall, run_niah
@@ -19,6 +18,8 @@ from interp.heads.retrieval import (
     score_retrieval,
     scores_frame,
 )
+
+from conftest import VOCAB, make_tiny
 
 
 # ------------------------------------------------------------------ ROUGE-1 recall, hand-worked

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from interp.heads import sinks
 from interp.heads.reducers import col_sums_of_pattern, collect_col_sums
+
+from conftest import make_tiny
 
 # A hand-built 4x4 causal pattern (rows sum to 1) and its alpha, worked by hand:
 # column sums 2.5, 0.8, 0.5, 0.2 over 4, 3, 2, 1 queries.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tiny
 from plotly.colors import get_colorscale
 
 from interp import viz
 from interp.lens import logit_lens_frame
+
+from conftest import make_tiny
 
 
 def patch_frame(n_layers=3, n_pos=4, heads=None, seed=0):

@@ -10,15 +10,21 @@ The task builders make prompts of one token length, with no padding. A hand-buil
 prompts of unequal length may be right-padded and given an `attention_mask`: its metric is then
 read at each prompt's last real token, and EAP, EAP-IG and faithfulness treat each prompt as
 if run alone (see `PromptPairs`).
+
+Patching takes the pairs as they are: `activation_patch(model, "z", pairs, metric="logit_diff",
+by="head")`, `attribution_patch(model, ["z", "mlp_out"], pairs)`, `path_patch(model, pairs)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from interp.hooks import HookedModel
 
 
 @dataclass
@@ -132,7 +138,7 @@ class PromptPairs:
             )
         return logits[:, -1] if logits.ndim == 3 else logits
 
-    def to(self, device) -> "PromptPairs":
+    def to(self, device: Union[str, torch.device]) -> "PromptPairs":
         """A copy with every tensor on `device`."""
         return PromptPairs(
             self.clean_tokens.to(device), self.corrupted_tokens.to(device), self.answer_tokens.to(device),
@@ -141,7 +147,7 @@ class PromptPairs:
             self.attention_mask.to(device) if self.attention_mask is not None else None,
         )
 
-    def __getitem__(self, index) -> "PromptPairs":
+    def __getitem__(self, index: Union[int, slice, Sequence[int], Tensor]) -> "PromptPairs":
         """The pairs selected by a slice, a list of indices or a boolean mask."""
         idx = torch.arange(len(self))[index].reshape(-1)
         pick = lambda seq: [seq[i] for i in idx.tolist()] if seq else []
@@ -178,7 +184,7 @@ class PromptPairs:
 
 
 @torch.no_grad()
-def check_task(model, pairs: PromptPairs, batch_size: int = 32) -> dict[str, float]:
+def check_task(model: HookedModel, pairs: PromptPairs, batch_size: int = 32) -> dict[str, float]:
     """Does the model do the task? Runs clean and corrupted prompts.
 
     Returns accuracy (share of clean prompts with logit_diff > 0), the mean logit difference on

@@ -12,11 +12,16 @@ Pass `model=` to keep only the facts the model gets right (its top-1 next token 
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .base import PromptPairs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from interp.hooks import HookedModel
 
 # (relation template, [(subject, attribute), ...]); {} is the subject slot.
 FACTS = {
@@ -40,7 +45,9 @@ def _one(tokenizer, word: str) -> Optional[int]:
     return ids[0] if len(ids) == 1 else None
 
 
-def factual_facts(tokenizer, model=None, facts: Optional[dict] = None) -> list[tuple[str, str, str]]:
+def factual_facts(
+    tokenizer: PreTrainedTokenizerBase, model: Optional[HookedModel] = None, facts: Optional[dict] = None
+) -> list[tuple[str, str, str]]:
     """(template, subject, attribute) triples usable with this tokenizer (and, with `model`, known to it)."""
     facts = FACTS if facts is None else facts
     out = []
@@ -59,7 +66,8 @@ def factual_facts(tokenizer, model=None, facts: Optional[dict] = None) -> list[t
     return out
 
 
-def factual_prompts(tokenizer, n: int, seed: int = 0, model=None, relation: str = "The capital of {} is",
+def factual_prompts(tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0, model: Optional[HookedModel] = None,
+                    relation: str = "The capital of {} is",
                     facts: Optional[dict] = None) -> PromptPairs:
     """`n` pairs of one relation (subjects sampled with replacement from the usable facts), deterministic in `seed`.
 
@@ -79,9 +87,11 @@ def factual_prompts(tokenizer, n: int, seed: int = 0, model=None, relation: str 
     for _ in range(n):
         s, a = rng.choice(usable)
         cs, ca = rng.choice([f for f in usable if f[1] != a])
-        rows.append(enc(relation.format(s))); crow.append(enc(relation.format(cs)))
+        rows.append(enc(relation.format(s)))
+        crow.append(enc(relation.format(cs)))
         ans.append([_one(tokenizer, a), _one(tokenizer, ca)])
-        texts.append(relation.format(s)); ctexts.append(relation.format(cs))
+        texts.append(relation.format(s))
+        ctexts.append(relation.format(cs))
     if len({len(r) for r in rows + crow}) != 1:
         raise ValueError(f"prompts of {relation!r} tokenize to different lengths: a subject is not one token in context")
     return PromptPairs(torch.tensor(rows), torch.tensor(crow), torch.tensor(ans), texts, ctexts,

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .base import PromptPairs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATE = "The war lasted from the year 17{yy} to the year 17"
 NOUNS = ("war", "deal", "reign", "expedition", "drought", "strike", "siege", "feud")
@@ -43,7 +47,7 @@ class GreaterThanPairs(PromptPairs):
         idx = torch.arange(len(self))[index].reshape(-1)
         return self._like(PromptPairs.__getitem__(self, index), self.tens[idx])
 
-    def to(self, device) -> "GreaterThanPairs":
+    def to(self, device: Union[str, torch.device]) -> "GreaterThanPairs":
         return self._like(PromptPairs.to(self, device), self.tens)
 
     def prob_diff(self, logits: Tensor) -> Tensor:
@@ -59,7 +63,7 @@ class GreaterThanPairs(PromptPairs):
         return self.prob_diff(logits).mean()
 
 
-def greater_than_prompts(tokenizer, n: int, seed: int = 0, nouns=NOUNS) -> GreaterThanPairs:
+def greater_than_prompts(tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0, nouns: Sequence[str] = NOUNS) -> GreaterThanPairs:
     """`n` greater-than pairs, start years 1720-1789 (tens digit 2-8), deterministic in `seed`.
 
     nouns: event words for "The {noun} lasted ..."; those that are not one token are dropped.
@@ -85,7 +89,11 @@ def greater_than_prompts(tokenizer, n: int, seed: int = 0, nouns=NOUNS) -> Great
         if len(a) != len(b):
             raise ValueError(f"{text!r} and {ctext!r} tokenize to different lengths ({len(a)} vs {len(b)}): the tokenizer "
                              "does not write years digit by digit; this task needs it to")
-        rows.append(a); crow.append(b); texts.append(text); ctexts.append(ctext); tens.append(t)
+        rows.append(a)
+        crow.append(b)
+        texts.append(text)
+        ctexts.append(ctext)
+        tens.append(t)
     lengths = {len(r) for r in rows}
     if len(lengths) != 1:
         raise ValueError(f"prompts have different token lengths {sorted(lengths)}: pass nouns that are each one token")

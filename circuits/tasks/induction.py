@@ -18,12 +18,20 @@ repeat to the token after its earlier occurrence), and the in-context loss drop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from interp.hook_points import get_act_name
+
 from .base import PromptPairs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from interp.hooks import HookedModel
 
 
 @dataclass
@@ -59,12 +67,12 @@ class InductionPairs(PromptPairs):
     def __getitem__(self, index) -> "InductionPairs":
         return self._like(PromptPairs.__getitem__(self, index))
 
-    def to(self, device) -> "InductionPairs":
+    def to(self, device: Union[str, torch.device]) -> "InductionPairs":
         return self._like(PromptPairs.to(self, device))
 
 
-def induction_prompts(tokenizer, n: int, length: int = 20, seed: int = 0, low: int = 1000, high: int = 20000,
-                      prefix_token: int | None = None) -> InductionPairs:
+def induction_prompts(tokenizer: PreTrainedTokenizerBase, n: int, length: int = 20, seed: int = 0, low: int = 1000, high: int = 20000,
+                      prefix_token: Optional[int] = None) -> InductionPairs:
     """`n` clean/corrupted pairs of repeated random tokens for `tokenizer`, deterministic in `seed`.
 
     Tokens are drawn without replacement within a sequence from ids [low, high) (ordinary
@@ -91,7 +99,9 @@ def induction_prompts(tokenizer, n: int, length: int = 20, seed: int = 0, low: i
 
 
 @torch.no_grad()
-def induction_loss(model, task: InductionPairs, fwd_hooks=()) -> dict[str, float]:
+def induction_loss(
+    model: HookedModel, task: InductionPairs, fwd_hooks: Sequence[tuple[str, Callable]] = ()
+) -> dict[str, float]:
     """Mean next-token loss on the first and the second repeat of the clean sequences, and the drop between them."""
     tokens = task.clean_tokens.to(model.device)
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks)) if fwd_hooks else model(tokens)
@@ -104,7 +114,7 @@ def induction_loss(model, task: InductionPairs, fwd_hooks=()) -> dict[str, float
     return out
 
 
-def check_induction(model, task: InductionPairs) -> dict[str, float]:
+def check_induction(model: HookedModel, task: InductionPairs) -> dict[str, float]:
     """Does the model do induction? Accuracy = top-1 next-token accuracy on the second repeat."""
     out = induction_loss(model, task)
     out["accuracy"] = out["second_top1"]
@@ -113,14 +123,14 @@ def check_induction(model, task: InductionPairs) -> dict[str, float]:
 
 
 @torch.no_grad()
-def induction_scores(model, task: InductionPairs) -> pd.DataFrame:
+def induction_scores(model: HookedModel, task: InductionPairs) -> pd.DataFrame:
     """Induction score per head: mean attention from each position of the second repeat to the
     position just after that token's occurrence in the first repeat (Olsson et al. 2022).
 
     Returns one row per (layer, head) with column ``induction_score``.
     """
     L, H, T = model.cfg.n_layers, model.cfg.n_heads, task.length
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    names = [get_act_name("pattern", layer) for layer in range(L)]
     _, cache = model.run_with_cache(task.clean_tokens.to(model.device), names_filter=names)
     q = torch.arange(task.prefix + T, task.prefix + 2 * T)
     k = q - T + 1

@@ -26,11 +26,14 @@ import random
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from .base import PromptPairs, check_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ioi_prompts", "ioi_names", "ioi_templates", "single_token_words", "check_task", "PromptPairs"]
 
@@ -64,7 +67,7 @@ def _word_id(tokenizer, word: str) -> Optional[int]:
     return ids[0]
 
 
-def single_token_words(tokenizer, words: Sequence[str]) -> list[str]:
+def single_token_words(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[str]:
     """The words that are one token with a leading space (" Mary") for this tokenizer, one per id."""
     out, seen = [], set()
     for w in words:
@@ -147,7 +150,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def ioi_prompts(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     n: int,
     seed: int = 0,
     templates: Optional[Sequence[str]] = None,
@@ -172,7 +175,7 @@ def ioi_prompts(
     from interp.hooks import HookedModel
 
     if isinstance(tokenizer, HookedModel):  # a model stands for its tokenizer
-        tokenizer = tokenizer._require_tokenizer()
+        tokenizer = tokenizer.require_tokenizer()
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if n < 1:

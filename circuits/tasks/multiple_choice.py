@@ -11,11 +11,14 @@ prompt's letter. The metric is the logit difference between the two letters.
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from .base import PromptPairs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LETTERS = "ABCD"
 # (question, right answer, three wrong answers): easy general knowledge.
@@ -40,7 +43,7 @@ def format_question(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def multiple_choice_prompts(tokenizer, n: int, seed: int = 0, questions: Optional[Sequence] = None) -> PromptPairs:
+def multiple_choice_prompts(tokenizer: PreTrainedTokenizerBase, n: int, seed: int = 0, questions: Optional[Sequence] = None) -> PromptPairs:
     """`n` pairs (questions cycled, option orders drawn from `seed`); all prompts share one token length
     per question, so the set is built from the questions whose prompts have the most common length."""
     questions = list(QUESTIONS if questions is None else questions)

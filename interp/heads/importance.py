@@ -7,7 +7,8 @@ Each query head's output z (``attn.hook_z``) is multiplied by a gate xi_h = 1. T
 with the absolute value taken per prompt (one gate per prompt and head, so a batch gives every
 prompt its own gradient in one backward pass), gradients in fp32, then normalised per layer by
 the l2 norm over that layer's heads (as `run_bertology.py`, the reference port, does).
-L is next-token cross-entropy by default, or any `metric(logits, tokens) -> scalar`.
+L is next-token cross-entropy by default (`LMLoss`), or any metric of tokens (`interp.heads.loss`:
+a class that binds tokens, or `metric(logits, tokens[, attention_mask]) -> scalar`).
 
 The pruning curve removes the least important heads (layer-normalised scores, ranked over the
 whole model) in steps of 10% of all heads, zero-ablating them, and records the metric.
@@ -21,14 +22,19 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..hook_points import HookPoint
 from ..hooks import HookedModel, Input
-from .ablation import Head, Metric, ablate_heads, lm_loss
+from .ablate import Head, ablate_heads
+from .loss import HeadMetric, LMLoss, metric_for
+
+# Added to each layer's l2 norm before dividing, so a layer whose heads all score 0 gives 0, not NaN.
+NORM_EPS = 1e-20
 
 
 def gate_gradients(
     model: HookedModel,
     tokens: Tensor,
-    metric: Metric = lm_loss,
+    metric: HeadMetric = LMLoss,
     attention_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """dL(x)/d xi_h for each prompt x: Float[Tensor, "batch layer head"] (fp32).
@@ -38,7 +44,7 @@ def gate_gradients(
     c = model.cfg
     gates = torch.ones(tokens.shape[0], c.n_layers, c.n_heads, dtype=torch.float32, device=model.device, requires_grad=True)
 
-    def gate(z: Tensor, hook) -> Tensor:
+    def gate(z: Tensor, hook: HookPoint) -> Tensor:
         g = gates[:, hook.layer()]  # [batch, head]
         return (z.float() * g[:, None, :, None]).to(z.dtype)
 
@@ -46,8 +52,7 @@ def gate_gradients(
         logits = model(tokens, attention_mask=attention_mask)
         # a sum of per-prompt losses: each prompt's gates get that prompt's own gradient
         loss = sum(
-            metric(logits[b : b + 1], tokens[b : b + 1]) if attention_mask is None
-            else metric(logits[b : b + 1], tokens[b : b + 1], attention_mask[b : b + 1])
+            metric_for(metric, tokens[b : b + 1], None if attention_mask is None else attention_mask[b : b + 1])(logits[b : b + 1])
             for b in range(tokens.shape[0])
         )
         (grad,) = torch.autograd.grad(loss, gates)
@@ -57,7 +62,7 @@ def gate_gradients(
 def head_importance_scores(
     model: HookedModel,
     tokens: Input,
-    metric: Metric = lm_loss,
+    metric: HeadMetric = LMLoss,
     batch_size: int = 4,
     attention_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -71,14 +76,18 @@ def head_importance_scores(
         mask = attention_mask[i : i + batch_size] if attention_mask is not None else None
         total += gate_gradients(model, tokens[i : i + batch_size], metric, mask).abs().sum(0)
     raw = total / tokens.shape[0]
-    norm = raw.pow(2).sum(-1, keepdim=True).sqrt() + 1e-20
-    return raw, raw / norm
+    return raw, normalise_per_layer(raw)
+
+
+def normalise_per_layer(raw: Tensor) -> Tensor:
+    """Michel et al.'s layer normalisation: raw / ||raw[layer]||_2, Float[Tensor, "layer head"] in raw's dtype."""
+    return raw / (raw.pow(2).sum(-1, keepdim=True).sqrt() + NORM_EPS)
 
 
 def head_importance(
     model: HookedModel,
     tokens: Input,
-    metric: Metric = lm_loss,
+    metric: HeadMetric = LMLoss,
     batch_size: int = 4,
     attention_mask: Optional[Tensor] = None,
 ) -> pd.DataFrame:
@@ -104,17 +113,17 @@ def pruning_order(importance: pd.DataFrame) -> list[Head]:
 
 
 @torch.no_grad()
-def _metric_with_pruned(model: HookedModel, tokens: Tensor, metric: Metric, pruned: Sequence[Head],
+def _metric_with_pruned(model: HookedModel, tokens: Tensor, metric: HeadMetric, pruned: Sequence[Head],
                         attention_mask: Optional[Tensor]) -> float:
     with ablate_heads(model, pruned, how="zero"):
         logits = model(tokens, attention_mask=attention_mask)
-    return float(metric(logits, tokens) if attention_mask is None else metric(logits, tokens, attention_mask))
+    return float(metric_for(metric, tokens, attention_mask)(logits))
 
 
 def pruning_curve(
     model: HookedModel,
     tokens: Input,
-    metric: Metric = lm_loss,
+    metric: HeadMetric = LMLoss,
     importance: Optional[pd.DataFrame] = None,
     step: float = 0.1,
     max_share: float = 1.0,

@@ -11,17 +11,22 @@ Haystacks come from the seeded generator in `interp.data.haystack` (no downloade
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from ..data.haystack import Haystack, build_haystack, passkey_task
-from ..models.kv_cache import forward_with_cache
+from ..hooks import HookedModel
+from ..models.kv_cache import decode_step, prefill
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CORRECT_RECALL = 0.5  # Wu et al.: a sample counts when ROUGE-1 recall > 50 (%)
 
@@ -42,17 +47,30 @@ def rouge1_recall(prediction: str, reference: str) -> float:
     return sum(min(c, pred[w]) for w, c in ref.items()) / total if total else 0.0
 
 
+class NeedleTask(Protocol):
+    """A needle to hide, the question after the haystack, the answer (`interp.data.haystack.PasskeyTask`)."""
+
+    @property
+    def needle(self) -> str: ...
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
+
+
 def make_samples(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     lengths: Sequence[int],
     depths: Sequence[float],
     n_per_cell: int = 1,
     seed: int = 0,
-    task: Callable[[int], object] = passkey_task,
+    task: Callable[[int], NeedleTask] = passkey_task,
 ) -> list[Haystack]:
     """One passkey haystack per (length, depth, repeat); each gets its own seed (filler and key)."""
     samples = []
-    for i, (n, d, r) in enumerate((n, d, r) for n in lengths for d in depths for r in range(n_per_cell)):
+    for i, (n, d) in enumerate((n, d) for n in lengths for d in depths for _ in range(n_per_cell)):
         s = seed * 1_000_003 + i
         t = task(s)
         samples.append(build_haystack(tokenizer, n, d, t.needle, t.question, seed=s, answer=t.answer))
@@ -71,8 +89,22 @@ class Decoded:
     argmax: Optional[Tensor]
 
 
+class ArgmaxSource(Protocol):
+    """What `greedy_decode` enters around the decode steps (e.g. `retrieval.PatternHookArgmax`)."""
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(self, *exc: object) -> Optional[bool]: ...
+
+    def read(self, n_keys: int) -> Tensor:
+        """Long[Tensor, "batch layer head"]: each query head's top-1 key position in the last step (of `n_keys` keys)."""
+        ...
+
+
 @torch.no_grad()
-def greedy_decode(model, input_ids: Tensor, max_new_tokens: int, argmax_source=None) -> Decoded:
+def greedy_decode(
+    model: HookedModel, input_ids: Tensor, max_new_tokens: int, argmax_source: Optional[ArgmaxSource] = None
+) -> Decoded:
     """Prefill `input_ids[:, :-1]` (no pattern hooks: SDPA, no T x T), then decode step by step.
 
     input_ids: Long[batch, pos] without padding. `argmax_source` (e.g. `PatternHookArgmax(model)`)
@@ -83,14 +115,14 @@ def greedy_decode(model, input_ids: Tensor, max_new_tokens: int, argmax_source=N
         raise ValueError(f"input_ids must be [batch, pos] with pos >= 2, got shape {tuple(input_ids.shape)}")
     hf = model.hf_model
     ids = input_ids.to(model.device)
-    _, past = forward_with_cache(hf, ids[:, :-1], None, logits_to_keep=1)
+    past = prefill(hf, ids[:, :-1])
     step_in = ids[:, -1:]
     tokens, rows = [], []
-    ctx = argmax_source if argmax_source is not None else _Nothing()
+    ctx = argmax_source if argmax_source is not None else contextlib.nullcontext()
     with ctx:
         for step in range(max_new_tokens):
-            out, past = forward_with_cache(hf, step_in, past)
-            nxt = out.logits[:, -1].argmax(-1)
+            logits, past = decode_step(hf, step_in, past)
+            nxt = logits.argmax(-1)
             tokens.append(nxt)
             if argmax_source is not None:
                 rows.append(argmax_source.read(ids.shape[1] + step))
@@ -98,15 +130,7 @@ def greedy_decode(model, input_ids: Tensor, max_new_tokens: int, argmax_source=N
     return Decoded(torch.stack(tokens, 1).cpu(), torch.stack(rows).cpu() if rows else None)
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def answer_length(tokenizer, tokens: Sequence[int]) -> int:
+def answer_length(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int]) -> int:
     """Steps up to and including the first newline or EOS token (Wu et al. stop at a newline)."""
     eos = tokenizer.eos_token_id
     for i, t in enumerate(tokens):
@@ -124,10 +148,10 @@ def _batches(samples: Sequence[Haystack], batch_size: int) -> list[list[int]]:
 
 
 def run_niah(
-    model,
+    model: HookedModel,
     samples: Sequence[Haystack],
     max_new_tokens: int = 8,
-    argmax_source=None,
+    argmax_source: Optional[ArgmaxSource] = None,
     batch_size: int = 4,
 ) -> tuple[pd.DataFrame, list[Optional[Tensor]]]:
     """Decode every sample; returns (one row per sample, the per-sample argmax records).
@@ -160,17 +184,3 @@ def run_niah(
 def niah_accuracy(results: pd.DataFrame) -> pd.DataFrame:
     """Accuracy table: rows n_tokens, columns depth, values mean of `correct`."""
     return results.pivot_table(index="n_tokens", columns="depth", values="correct", aggfunc="mean")
-
-
-def niah_heatmap(table: pd.DataFrame, title: str = "NIAH accuracy"):
-    """Plotly heatmap of `niah_accuracy(...)` (context length x needle depth)."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure(
-        go.Heatmap(
-            z=table.values, x=[f"{d:g}" for d in table.columns], y=[str(n) for n in table.index],
-            zmin=0, zmax=1, colorscale="RdYlGn", text=table.round(2).values, texttemplate="%{text}",
-        )
-    )
-    fig.update_layout(title=title, xaxis_title="needle depth", yaxis_title="context tokens")
-    return fig

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..hook_points import HookPoint
 from ..hooks import HookedModel
 
 # (model, tokens [batch, pos]) -> per-key column sums [batch, layer, head, pos] (fp32)
@@ -37,7 +38,7 @@ def reduce_per_layer(
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     out: dict[int, Tensor] = {}
 
-    def keep(x: Tensor, hook) -> None:
+    def keep(x: Tensor, hook: HookPoint) -> None:
         out[hook.layer()] = reduce(x)
 
     names = [f"blocks.{l}.{hook}" for l in layers]

@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from ..data.haystack import Haystack
-from .niah import run_niah
+from ..hook_points import HookPoint
+from ..hooks import HookedModel
+from .niah import ArgmaxSource, run_niah
 
 THRESHOLD = 0.1
 
@@ -50,12 +52,12 @@ class PatternHookArgmax:
     query row (only that row is reduced; nothing of the pattern is kept).
     """
 
-    def __init__(self, model):
+    def __init__(self, model: HookedModel):
         self.model = model
         self.names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
         self._rows: list[Optional[Tensor]] = [None] * model.cfg.n_layers
 
-    def _hook(self, pattern: Tensor, hook) -> None:
+    def _hook(self, pattern: Tensor, hook: HookPoint) -> None:
         # pattern: [batch, head, q, k]; torch.argmax returns the first maximum on ties. Stored as
         # distance back from the row's last key: sliding-window layers cache only the last
         # `window` keys, so their row index is not an absolute position.
@@ -66,7 +68,7 @@ class PatternHookArgmax:
             self.model.add_hook(n, self._hook, "fwd", edits=False)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> bool:
         for n in self.names:
             self.model.remove_hook(n, self._hook)
         return False
@@ -110,6 +112,7 @@ class RetrievalResult:
     scores: pd.DataFrame
 
     def heads(self, threshold: float = THRESHOLD) -> pd.DataFrame:
+        """`retrieval_heads(self.scores, threshold)`."""
         return retrieval_heads(self.scores, threshold)
 
 
@@ -126,10 +129,10 @@ def scores_frame(per_sample: Tensor, counted: Sequence[bool]) -> pd.DataFrame:
 
 
 def score_retrieval(
-    model,
+    model: HookedModel,
     samples: Sequence[Haystack],
     max_new_tokens: int = 8,
-    argmax_source=None,
+    argmax_source: Optional[ArgmaxSource] = None,
     batch_size: int = 4,
 ) -> RetrievalResult:
     """Wu et al.'s retrieval score of every query head over NIAH `samples` (see module docstring)."""
@@ -153,7 +156,7 @@ def _ranked(scores: pd.DataFrame) -> list[tuple[int, int]]:
 
 
 def retrieval_ablation_curves(
-    model,
+    model: HookedModel,
     scores: pd.DataFrame,
     ks: Sequence[int],
     n_random_draws: int,

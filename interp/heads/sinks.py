@@ -37,11 +37,13 @@ import torch
 from torch import Tensor
 
 from ..hooks import HookedModel
+from ..kernels.spec import sink_alpha
 from .reducers import ColSumSource, collect_col_sums, reduce_per_layer
 
 EPS = 0.3
 SECONDARY_THRESHOLD = 0.1
 SINK_LENGTH = 64
+MIN_QUERIES = 16  # secondary sinks: only keys seen by at least this many queries count
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -72,10 +74,8 @@ def load_domain_prompts() -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------- alpha and Sink_k^eps
 def alpha_from_col_sums(col_sums: Tensor) -> Tensor:
-    """Float[Tensor, "... k"] column sums -> alpha(k) = col_sum(k) / (T - k), float64."""
-    T = col_sums.shape[-1]
-    n_queries = torch.arange(T, 0, -1, dtype=torch.float64, device=col_sums.device)
-    return col_sums.double() / n_queries
+    """Float[Tensor, "... k"] column sums -> alpha(k) = col_sum(k) / (T - k), float64 (`kernels.spec.sink_alpha`)."""
+    return sink_alpha(col_sums.double())
 
 
 def attention_alpha(model: HookedModel, tokens: Tensor, source: ColSumSource = collect_col_sums, batch_size: int = 8) -> Tensor:
@@ -89,7 +89,7 @@ def sink_rate(alpha: Tensor, k: int = 0, eps: float = EPS) -> float:
     return float((alpha[..., k] > eps).double().mean() * 100)
 
 
-def sink_scores(alpha: Tensor, eps: float = EPS, threshold: float = SECONDARY_THRESHOLD, min_queries: int = 16) -> pd.DataFrame:
+def sink_scores(alpha: Tensor, eps: float = EPS, threshold: float = SECONDARY_THRESHOLD, min_queries: int = MIN_QUERIES) -> pd.DataFrame:
     """One row per (layer, head) from alpha [batch, layer, head, T].
 
     Columns: sink_score (alpha at the first token, mean over prompts), sink_share (share of prompts
@@ -129,7 +129,7 @@ def secondary_sinks(
     tokens: Optional[Tensor] = None,
     model: Optional[HookedModel] = None,
     threshold: float = SECONDARY_THRESHOLD,
-    min_queries: int = 16,
+    min_queries: int = MIN_QUERIES,
 ) -> pd.DataFrame:
     """Non-first keys that some head treats as a sink: one row per (prompt, position).
 
@@ -160,7 +160,7 @@ def secondary_sinks(
     return pd.DataFrame(rows, columns=cols + ["n_heads", "layers", "first_layer", "last_layer", "n_layers", "max_alpha"])
 
 
-def secondary_sink_layers(alpha: Tensor, threshold: float = SECONDARY_THRESHOLD, min_queries: int = 16) -> pd.DataFrame:
+def secondary_sink_layers(alpha: Tensor, threshold: float = SECONDARY_THRESHOLD, min_queries: int = MIN_QUERIES) -> pd.DataFrame:
     """Per layer: how many (prompt, head, key > 0) triples have alpha > threshold, and in how many heads."""
     T = alpha.shape[-1]
     hit = alpha[..., 1 : T - min_queries + 1] > threshold  # [b, L, H, keys]

@@ -31,17 +31,26 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, atomic_write_text, remove_stale_temps
-from ..cache import DIGEST_KEY, CacheError, DamagedFile, read_checked, save_checked
+from ..atomic import atomic_write_text, remove_stale_temps
 from ..hooks import HookedModel
-from . import ablation, importance, sinks
+from ..store import DIGEST_KEY, CacheError, DamagedFile, read_checked, save_checked
+from ..tables import write_table
+from . import importance, retrieval, sinks
+from .loss import LMLoss
+from .niah import make_samples
+from .sweeps import single_head_ablation
+
+__all__ = [
+    "ANALYSES", "HeadJobSettings", "Work", "merge_head_parts", "parse_shard", "parts_dir_for", "run_head_job",
+    "shard_indices", "write_table",
+]
 
 ANALYSES = ("sink", "ablation", "importance", "retrieval")
 
@@ -109,7 +118,7 @@ class HeadJobSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)}; use 1 or more")
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
 
@@ -146,30 +155,30 @@ def _text_prompts(settings: HeadJobSettings) -> list[str]:
 
 def _work(model: HookedModel, settings: HeadJobSettings, analysis: str) -> Work:
     if analysis == "retrieval":
-        from .niah import make_samples
-        from .retrieval import score_retrieval
-
         samples = make_samples(model.tokenizer, settings.niah_lengths, settings.niah_depths, settings.niah_per_cell,
                                seed=settings.niah_seed)
 
-        def retrieval(i: int) -> dict[str, Tensor]:
-            result = score_retrieval(model, [samples[i]], max_new_tokens=settings.max_new_tokens, batch_size=1)
+        def retrieval_(i: int) -> dict[str, Tensor]:
+            result = retrieval.score_retrieval(model, [samples[i]], max_new_tokens=settings.max_new_tokens, batch_size=1)
             return {"score": result.per_sample[0], "counted": torch.tensor([bool(result.samples.correct[0])])}
 
-        return Work(len(samples), retrieval)
+        return Work(len(samples), retrieval_)
 
     tokens = sinks.sink_tokens(model, _text_prompts(settings), settings.length)
 
     def sink(i: int) -> dict[str, Tensor]:
-        alpha = sinks.attention_alpha(model, tokens[i : i + 1])[0]  # [layer, head, T]
-        tail = alpha[..., 1 : max(settings.length - 16 + 1, 1)]  # keys with >= 16 queries (as sinks.sink_scores)
-        return {"alpha_first": alpha[..., 0], "n_secondary": (tail > settings.secondary_threshold).double().sum(-1)}
+        # sinks.sink_scores on this prompt alone: its sink_score is alpha at the first token, and its
+        # n_secondary counts the keys k > 0 seen by >= sinks.MIN_QUERIES queries with alpha > the threshold
+        alpha = sinks.attention_alpha(model, tokens[i : i + 1])  # [1, layer, head, T]
+        scores = sinks.sink_scores(alpha, settings.eps, settings.secondary_threshold, sinks.MIN_QUERIES)
+        shape = alpha.shape[1:3]
+        return {"alpha_first": _column(scores, "sink_score", shape), "n_secondary": _column(scores, "n_secondary", shape)}
 
     def importance_(i: int) -> dict[str, Tensor]:
-        return {"abs_grad": importance.gate_gradients(model, tokens[i : i + 1])[0].abs().double()}
+        return {"abs_grad": importance.gate_gradients(model, tokens[i : i + 1], LMLoss)[0].abs().double()}
 
     def ablation_(i: int) -> dict[str, Tensor]:
-        df = ablation.single_head_ablation(model, tokens[i : i + 1], ablation.lm_loss, how=settings.ablation)
+        df = single_head_ablation(model, tokens[i : i + 1], LMLoss, how=settings.ablation)
         delta = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)
         delta[df.layer.to_numpy().copy(), df["head"].to_numpy().copy()] = torch.tensor(df.delta.to_numpy().copy(), dtype=torch.float64)
         return {"delta": delta}
@@ -304,20 +313,27 @@ def _stack(items: list[dict[str, Tensor]], key: str) -> Tensor:
     return torch.stack([x[key].double() for x in items])
 
 
+def _column(frame: pd.DataFrame, name: str, shape: torch.Size) -> Tensor:
+    """A per-(layer, head) column of a frame with one row per (layer, head), layer-major, as Float64[layer, head]."""
+    return torch.tensor(frame[name].to_numpy(dtype="float64"), dtype=torch.float64).reshape(shape)
+
+
 def _scores(analysis: str, items: list[dict[str, Tensor]], settings: dict) -> dict[str, Tensor]:
-    """Per-(layer, head) columns of one analysis from its per-prompt tensors."""
-    if analysis == "sink":
+    """Per-(layer, head) columns of one analysis from its per-prompt tensors (the definitions are the analyses' own)."""
+    if analysis == "sink":  # as sinks.sink_scores: means over prompts, is_sink = sink_score > eps
         first = _stack(items, "alpha_first")
         return {"sink_score": first.mean(0), "sink_share": (first > settings["eps"]).double().mean(0),
                 "is_sink": first.mean(0) > settings["eps"], "n_secondary_sinks": _stack(items, "n_secondary").mean(0)}
     if analysis == "importance":
         raw = _stack(items, "abs_grad").mean(0)
-        return {"importance": raw / (raw.pow(2).sum(-1, keepdim=True).sqrt() + 1e-20), "importance_raw": raw}
+        return {"importance": importance.normalise_per_layer(raw), "importance_raw": raw}
     if analysis == "ablation":
         return {"ablation_delta": _stack(items, "delta").mean(0)}
-    scores, counted = _stack(items, "score"), torch.cat([x["counted"] for x in items]).bool()
-    score = scores[counted].mean(0) if counted.any() else torch.full(scores.shape[1:], float("nan"), dtype=torch.float64)
-    return {"retrieval_score": score, "is_retrieval_head": score > 0.1, "retrieval_samples_counted": torch.full_like(score, float(counted.sum()))}
+    per_sample, counted = _stack(items, "score"), torch.cat([x["counted"] for x in items]).bool()
+    scores = retrieval.scores_frame(per_sample, counted.tolist())  # mean over the counted samples, NaN when none
+    score = _column(scores, "retrieval_score", per_sample.shape[1:])
+    return {"retrieval_score": score, "is_retrieval_head": score > retrieval.THRESHOLD,
+            "retrieval_samples_counted": torch.full_like(score, float(counted.sum()))}
 
 
 def merge_head_parts(parts_dirs: Sequence[Path]) -> pd.DataFrame:
@@ -344,15 +360,6 @@ def merge_head_parts(parts_dirs: Sequence[Path]) -> pd.DataFrame:
     return table
 
 
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    """CSV or Parquet by extension, written atomically."""
-    path = Path(path)
-    writers = {".parquet": lambda tmp: table.to_parquet(tmp, index=False), ".csv": lambda tmp: table.to_csv(tmp, index=False)}
-    if path.suffix not in writers:
-        raise ValueError(f"--out must end in .parquet or .csv, got {path.name!r}")
-    remove_stale_temps(path.parent, legacy=(path.name + ".tmp",))  # a killed earlier write's (older versions: <name>.tmp)
-    atomic_write(path, writers[path.suffix])
-
-
 def parts_dir_for(out: Path) -> Path:
+    """The parts folder of a table written to `out`: `<out>.parts`."""
     return Path(str(out) + ".parts")

@@ -8,8 +8,9 @@ and so on. Grouped-query attention: q, z, pattern and result are per query head
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ class ModelConfig:
     d_head: int
     d_model: int
     d_vocab: int
+    d_mlp: int  # width of the MLP's hidden activation (`mlp.hook_post`)
     parallel_attn_mlp: bool = False
     has_pos_embed: bool = False
     sliding_window: Optional[int] = None
@@ -34,6 +36,20 @@ class ModelConfig:
     @property
     def n_groups(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm module computes, so its map can be applied with the scale frozen.
+
+    kind: "layernorm" (centre, divide by the standard deviation) or "rmsnorm" (divide by the
+    root mean square); eps: added to the variance / mean square; plus_one: the weight acts as
+    (1 + w) (Gemma's RMSNorm). A norm without a `weight` (OLMo's) multiplies by nothing.
+    """
+
+    kind: str
+    eps: float
+    plus_one: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,12 +82,16 @@ class LayerParts:
 
 @dataclass(frozen=True)
 class Adapter:
+    """Where a wrapped model's parts are, and the operations that need to know how HF built them."""
+
     cfg: ModelConfig
     embed: nn.Module
     pos_embed: Optional[nn.Module]
     layers: tuple[LayerParts, ...]
     final_norm: nn.Module
     unembed: nn.Module
+    final_norm_spec: NormSpec
+    final_logit_softcapping: Optional[float] = None
 
     def W_O(self, layer: int) -> Float_HDM:
         """Output weights split per query head: [n_heads, d_head, d_model]."""
@@ -80,7 +100,62 @@ class Adapter:
         return w.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
 
     def b_O(self, layer: int) -> Optional[Tensor]:
+        """The output projection's bias, Float[Tensor, "d_model"], or None."""
         return self.layers[layer].o_proj.bias
+
+    def apply_norm_frozen(self, stack: Tensor, resid: Tensor) -> Tensor:
+        """The final norm's map at `resid`, with its scale frozen, applied to every component of `stack`.
+
+        norm(resid) = resid * s(resid) * w (+ b): this returns each component times s(resid) * w
+        (centred first for a LayerNorm; no bias), so the components still sum to the normed
+        residual minus the bias. stack: Float[Tensor, "component ... d_model"]; resid:
+        Float[Tensor, "... d_model"] (broadcast against each component). Computed in float32,
+        returned in stack's dtype, same shape as stack.
+        """
+        spec = self.final_norm_spec
+        weight = getattr(self.final_norm, "weight", None)
+        x = resid.float()
+        if spec.kind == "layernorm":
+            centred = stack.float() - stack.float().mean(-1, keepdim=True)
+            out = centred * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + spec.eps)
+        elif spec.kind == "rmsnorm":
+            out = stack.float() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.eps)
+        else:
+            raise ValueError(f"unknown norm kind {spec.kind!r}")
+        if weight is not None:
+            w = weight.float()
+            out = out * (1.0 + w if spec.plus_one else w)
+        return out.to(stack.dtype)
+
+    def apply_unembed(self, normed: Tensor) -> Tensor:
+        """Logits from a final-normed residual [..., d_model] -> [..., d_vocab], with the family's
+        final logit soft-capping (Gemma 2: cap * tanh(logits / cap)) when its config sets one."""
+        logits = self.unembed(normed)
+        cap = self.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @contextlib.contextmanager
+    def skip_blocks(self, layer: int, resid: Tensor) -> Iterator[None]:
+        """While inside: blocks 0..layer-1 return `resid` without computing; block `layer` receives it.
+
+        resid: Float[Tensor, "batch pos d_model"], the residual stream entering block `layer`
+        (shaped as the forward's hidden states). The HF forward does everything else (embedding,
+        masks, rotary embeddings, final norm, logits). Every supported family's decoder layer
+        returns its hidden states as one tensor (transformers 5), so one replacement fits all.
+        """
+        if not 0 <= layer <= self.cfg.n_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.cfg.n_layers}")
+        replaced: list[nn.Module] = []
+        try:
+            for block in (self.layers[i].block for i in range(layer)):
+                block.forward = lambda hidden_states, *args, **kwargs: resid
+                replaced.append(block)
+            yield
+        finally:
+            for block in replaced:
+                del block.forward
 
 
 Float_HDM = Tensor  # alias used in signatures: Float[Tensor, "head d_head d_model"]
@@ -89,8 +164,28 @@ LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_t
 SUPPORTED = sorted(LLAMA_LIKE | {"gpt2", "gpt_neox"})
 
 
+GEMMA = {"gemma", "gemma2", "gemma3_text", "gemma3"}  # RMSNorm weights act as (1 + w)
+
+
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def checkpoint_name(model: nn.Module) -> str:
+    """The name a model was loaded under (`config._name_or_path`), else its class name."""
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def _softcap(model: nn.Module) -> Optional[float]:
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def _llama_like_norm(norm: nn.Module, family: str) -> NormSpec:
+    if family in GEMMA:
+        return NormSpec("rmsnorm", norm.eps, plus_one=True)
+    if family == "olmo":  # OlmoLayerNorm: F.layer_norm with no weight or bias and eps = 1e-5
+        return NormSpec("layernorm", 1e-5)
+    return NormSpec("rmsnorm", norm.variance_epsilon)
 
 
 def build_adapter(model: nn.Module) -> Adapter:
@@ -148,10 +243,12 @@ def _llama_like(model: nn.Module, config, family: str) -> Adapter:
         d_head=head_dim,
         d_model=config.hidden_size,
         d_vocab=config.vocab_size,
+        d_mlp=config.intermediate_size,
         sliding_window=getattr(config, "sliding_window", None),
         layer_types=tuple(layer_types) if layer_types else None,
     )
-    return Adapter(cfg, base.embed_tokens, None, tuple(layers), base.norm, model.get_output_embeddings())
+    return Adapter(cfg, base.embed_tokens, None, tuple(layers), base.norm, model.get_output_embeddings(),
+                   _llama_like_norm(base.norm, family), _softcap(model))
 
 
 def _gpt2(model: nn.Module, config) -> Adapter:
@@ -178,9 +275,11 @@ def _gpt2(model: nn.Module, config) -> Adapter:
         d_head=config.n_embd // config.n_head,
         d_model=config.n_embd,
         d_vocab=config.vocab_size,
+        d_mlp=config.n_inner or 4 * config.n_embd,  # GPT2MLP's width
         has_pos_embed=True,
     )
-    return Adapter(cfg, base.wte, base.wpe, layers, base.ln_f, model.get_output_embeddings())
+    return Adapter(cfg, base.wte, base.wpe, layers, base.ln_f, model.get_output_embeddings(),
+                   NormSpec("layernorm", base.ln_f.eps), _softcap(model))
 
 
 def _neox(model: nn.Module, config) -> Adapter:
@@ -207,9 +306,11 @@ def _neox(model: nn.Module, config) -> Adapter:
         d_head=config.hidden_size // config.num_attention_heads,
         d_model=config.hidden_size,
         d_vocab=config.vocab_size,
+        d_mlp=config.intermediate_size,
         parallel_attn_mlp=bool(config.use_parallel_residual),
     )
-    return Adapter(cfg, base.embed_in, None, layers, base.final_layer_norm, model.get_output_embeddings())
+    return Adapter(cfg, base.embed_in, None, layers, base.final_layer_norm, model.get_output_embeddings(),
+                   NormSpec("layernorm", base.final_layer_norm.eps), _softcap(model))
 
 
 def split_fused_qkv(out: Tensor, layout: str, n_heads: int, d_head: int) -> list[Tensor]:

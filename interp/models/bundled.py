@@ -117,8 +117,8 @@ def _convert_into(gguf_path: Path, directory: Path) -> None:
     """Dequantise `gguf_path` with transformers and save model and tokenizer into `directory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     # A GGUF-loaded model carries a quantizer that makes save_pretrained refuse; the weights are
     # already dequantised to float32.
     model.hf_quantizer = None

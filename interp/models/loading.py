@@ -1,15 +1,18 @@
-"""`interp.load`: one entry point for every way a user holds a model.
+"""Loading a checkpoint, for every way a user holds a model (`interp.load` wraps the result).
 
 Accepted: a bundled name (`smollm2-135m`), a local HF directory, a `.safetensors` file with
 its `config.json` beside it, a `.gguf` file, or an already-loaded `PreTrainedModel` (with its
-tokenizer). Never a network call: the HF offline switches are set when `interp` is imported.
+tokenizer). Never a network call: every `from_pretrained` is given `local_files_only=True`, whatever the
+HF offline switches say.
+This module returns the HF model; `interp.loader.load` builds the `HookedModel` around it, so
+the model layer never imports the hook layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -31,21 +34,19 @@ def _dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(
+def load_hf(
     model: Union[str, Path, nn.Module],
-    tokenizer=None,
+    tokenizer: Any = None,
     dtype: Union[None, str, torch.dtype] = None,
     device: Union[None, str, torch.device] = None,
     attn_implementation: str = "sdpa",
-) -> "HookedModel":
-    """Load a causal LM and wrap it in a `HookedModel`.
+) -> tuple[nn.Module, Any, Optional[str]]:
+    """Load a causal LM: (the HF model in eval mode, its tokenizer or None, the name it was loaded under or None).
 
     model: bundled name, path (HF directory, .safetensors, .gguf) or a loaded PreTrainedModel.
     dtype: float32 by default (GGUF weights are dequantised to float32).
     attn_implementation: what runs when no hook needs the pattern ('sdpa' or 'eager').
     """
-    from ..hooks import HookedModel  # here, not at module level: hooks imports the adapters
-
     torch_dtype = _dtype(dtype)
     if isinstance(model, nn.Module):
         hf = model.to(dtype=torch_dtype) if dtype is not None else model
@@ -54,11 +55,11 @@ def load(
         hf, tokenizer, name = _load_path(str(model), tokenizer, torch_dtype, attn_implementation)
     if device is not None:
         hf = hf.to(device)
-    return HookedModel(hf, tokenizer, name=name)
+    return hf, tokenizer, name
 
 
 def _load_path(spec: str, tokenizer, dtype: torch.dtype, attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec in BUNDLED:
         directory = convert_gguf(bundled_gguf(spec))
@@ -84,7 +85,7 @@ def _load_path(spec: str, tokenizer, dtype: torch.dtype, attn: str):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        config = AutoConfig.from_pretrained(path.parent)
+        config = AutoConfig.from_pretrained(path.parent, local_files_only=True)
         _check_family(config)
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         try:
@@ -118,7 +119,7 @@ def _tokenizer_or_none(directory: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError):
         return None
 
@@ -141,11 +142,11 @@ def _from_dir(directory: Path, tokenizer, dtype: torch.dtype, attn: str):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
     _check_family(config)
     try:
         with _quiet_weight_loading():
-            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn, local_files_only=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"could not load the checkpoint in {directory}: {e}") from e
     return hf.eval(), tokenizer or _tokenizer_or_none(directory)

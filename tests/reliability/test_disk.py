@@ -19,12 +19,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_hf, make_tiny, word_tokenizer
 
 import interp
 from interp.cache import CacheError, CacheStore
 from interp.cli import main
 from interp.heads import table as T
+
+from conftest import make_hf, make_tiny, word_tokenizer
 
 TESTS = Path(__file__).resolve().parents[1]
 PROMPTS = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13"]

@@ -12,15 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, make_tiny
-
 from interp.cache import CacheStore
 from interp.circuits import Faithfulness, edge_attribution, top_n
 from interp.circuits.tasks.base import PromptPairs, check_task
 from interp.circuits.tasks.induction import InductionPairs
 from interp.metrics import LogitDiff
-from interp.path_patching import path_patch
 from interp.patching import activation_patch, attribution_patch
+from interp.path_patching import path_patch
+
+from conftest import VOCAB, make_tiny
 
 
 @pytest.fixture(scope="module")

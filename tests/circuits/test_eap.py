@@ -1,11 +1,12 @@
-"""Circuit graph, exact edge patching and EAP / EAP-IG on tiny Llama-family models."""
+"""EAP / EAP-IG edge scores (circuits/eap.py) against exact edge patching on tiny Llama-family models."""
 
 import pytest
 import torch
-from conftest import make_tiny
 
-from interp.circuits import Graph, edge_attribution, node_outputs, patched_logits, receiver_gradients
+from interp.circuits import EdgeScores, Graph, edge_attribution, node_outputs, patched_logits, receiver_gradients
 from interp.circuits.tasks.base import PromptPairs
+
+from conftest import make_tiny
 
 
 def _task(n=3, pos=6, seed=0):
@@ -25,66 +26,6 @@ def _all_single_edges(m, g, task, outputs):
         c[r, u] = True
         out.append(float(task.metric(patched_logits(m, g, task.clean_tokens, outputs, c))) - base)
     return torch.tensor(out, dtype=torch.float64), r_idx, u_idx
-
-
-def test_graph_counts():
-    g = Graph(2, 4, 2)
-    assert len(g.nodes) == 1 + 2 * 5
-    # per layer 4 q + 2 k + 2 v + 1 mlp receivers, then logits
-    assert len(g.receivers) == 2 * 9 + 1
-    # layer 0 attention receivers read input only (8 x 1), mlp0 reads input + 4 heads (5);
-    # layer 1 attention reads 6 nodes (8 x 6), mlp1 reads 10; logits read all 11
-    assert g.n_edges == 8 * 1 + 5 + 8 * 6 + 10 + 11
-    r, u = g.parse_edge("a0.h1->a1.kv0<k>")
-    assert g.edge_name(r, u) == "a0.h1->a1.kv0<k>"
-    with pytest.raises(ValueError, match="goes backwards"):
-        g.edge_mask(["m1->a1.h0<q>"])
-    with pytest.raises(ValueError, match="unknown edge"):
-        g.parse_edge("a0.h9->logits")
-
-
-def test_unsupported_family_refused():
-    with pytest.raises(ValueError, match="circuit graphs support"):
-        Graph.from_model(make_tiny("gpt2"))
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_patched_run_endpoints(family):
-    """Nothing corrupted = the clean run; every edge corrupted = the corrupted run."""
-    m = make_tiny(family)
-    g, task = Graph.from_model(m), _task()
-    co = node_outputs(m, task.corrupted_tokens, g)
-    with torch.no_grad():
-        clean, corr = m(task.clean_tokens), m(task.corrupted_tokens)
-    none = patched_logits(m, g, task.clean_tokens, co, torch.zeros_like(g.mask))
-    every = patched_logits(m, g, task.clean_tokens, co, g.mask.clone())
-    torch.testing.assert_close(none, clean, atol=1e-5, rtol=0)
-    torch.testing.assert_close(every, corr, atol=1e-5, rtol=0)
-    # the node outputs sum to the residual stream the logits read
-    _, cache = m.run_with_cache(task.clean_tokens, names_filter=["blocks.1.hook_resid_post"])
-    torch.testing.assert_close(node_outputs(m, task.clean_tokens, g).sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=0)
-
-
-def test_summing_kept_edges_from_the_total_equals_summing_corrupted_edges(monkeypatch):
-    """A receiver with few kept edges reads total - kept; the direct sum over its corrupted edges must agree."""
-    import interp.circuits.graph as graph_module
-
-    m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
-    co = node_outputs(m, task.corrupted_tokens, g)
-    gen = torch.Generator().manual_seed(0)
-    corrupt = g.mask & (torch.rand(g.mask.shape, generator=gen) < 0.7)  # most edges corrupted, some kept
-    # Layer-0 heads read only the input: leave them clean, so that what later receivers keep differs
-    # from its corrupted value (a node with every input corrupted outputs exactly its corrupted value).
-    corrupt[[i for i, r in enumerate(g.receivers) if r.layer == 0 and r.kind != "mlp"]] = False
-    assert any(0 < int((g.mask[r] & ~corrupt[r]).sum()) < int(corrupt[r].sum()) for r in range(len(g.receivers)))
-    fast = patched_logits(m, g, task.clean_tokens, co, corrupt)
-    monkeypatch.setattr(graph_module, "_subtract_kept", lambda n_kept, n_corrupt: False)
-    direct = patched_logits(m, g, task.clean_tokens, co, corrupt)
-    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        clean = m(task.clean_tokens)
-    assert (fast - clean).abs().max() > 1e-2  # the patch did something
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -149,3 +90,13 @@ def test_ig_with_one_step_is_the_gradient_at_the_midpoint():
     torch.testing.assert_close(ig.scores, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="method"):
         edge_attribution(m, task, method="acdc")
+
+
+def test_edge_scores_frame_lists_the_largest_scores_first():
+    g = Graph(1, 2, 1)
+    s = torch.zeros(g.mask.shape)
+    s[g.parse_edge("a0.h1->logits")] = -3.0
+    s[g.parse_edge("input->m0")] = 2.0
+    frame = EdgeScores(g, s, "eap", 1.0, 0.0).frame()
+    assert frame.edge.tolist()[:2] == ["a0.h1->logits", "input->m0"]
+    assert frame.score.tolist()[:2] == [-3.0, 2.0] and frame.abs_score.tolist()[2:] == [0.0] * (g.n_edges - 2)

@@ -1,0 +1,89 @@
+"""Single-head sweeps: intervene on every head alone, several heads per forward.
+
+`batched_sweep` repeats the prompt batch once per head of a chunk and gives each copy a head mask
+with only its head set, so `batch_heads` interventions share one forward. `single_head_ablation`
+sweeps ablations (`interp.heads.ablate`); `interp.heads.calibration.act_search` sweeps ACT.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..hooks import HookedModel, HookSpec, Input
+from .ablate import AblationKind, Head, ablation_hooks, all_heads, replacements
+from .loss import HeadMetric, metric_for
+
+
+def batched_sweep(
+    model: HookedModel,
+    tokens: Tensor,
+    metric: HeadMetric,
+    heads: Sequence[Head],
+    batch_heads: int,
+    hooks_for: Callable[[Tensor, int], HookSpec],
+    attention_mask: Optional[Tensor] = None,
+) -> tuple[float, list[tuple[Head, float]]]:
+    """Run `batch_heads` single-head interventions per forward: the prompt batch is repeated and
+    copy j gets a head mask with only head j set. hooks_for(mask [k*B, L, H], k) builds the hooks.
+
+    tokens: Long[Tensor, "batch pos"], already checked (`model.prepare_inputs`). The metric is
+    read on each copy's logits with the tokens bound (`metric_for(metric, tokens)`; the mask is
+    passed to the forward, not to the metric). Returns the clean metric and [(head, metric)].
+    """
+    if batch_heads < 1:
+        raise ValueError(f"batch_heads must be >= 1, got {batch_heads}")
+    measure = metric_for(metric, tokens)
+    B = tokens.shape[0]
+    with torch.no_grad():
+        clean = float(measure(model(tokens, attention_mask=attention_mask)))
+    out = []
+    for start in range(0, len(heads), batch_heads):
+        chunk = heads[start : start + batch_heads]
+        k = len(chunk)
+        mask = torch.zeros(k * B, model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool, device=model.device)
+        for j, (l, h) in enumerate(chunk):
+            mask[j * B : (j + 1) * B, l, h] = True
+        big_mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(mask, k)):
+            logits = model(tokens.repeat(k, 1), attention_mask=big_mask)
+        out += [((l, h), float(measure(logits[j * B : (j + 1) * B]))) for j, (l, h) in enumerate(chunk)]
+    return clean, out
+
+
+def single_head_ablation(
+    model: HookedModel,
+    tokens: Input,
+    metric: HeadMetric,
+    how: Union[str, AblationKind] = "zero",
+    batch_heads: int = 8,
+    reference: Optional[Input] = None,
+    heads: Optional[Sequence[Head]] = None,
+    attention_mask: Optional[Tensor] = None,
+    reference_mask: Optional[Tensor] = None,
+    per_position: bool = False,
+) -> pd.DataFrame:
+    """Ablate each head alone and measure `metric` on the logits (a scalar over the prompt batch).
+
+    metric: `LMLoss` (or any class that binds tokens), or `metric(logits, tokens)` such as `lm_loss`.
+    `batch_heads` head ablations run in one forward: the prompt batch is repeated that many times
+    and each copy gets its own head mask inside the hooks. Returns one row per (layer, head) with
+    columns layer, head, metric, delta (= metric - clean metric), how.
+    """
+    kind = AblationKind.parse(how)
+    tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
+    heads = all_heads(model, heads)
+    B = tokens.shape[0]
+    repl = replacements(model, kind, sorted({l for l, _ in heads}), reference, reference_mask, per_position)
+
+    def hooks_for(mask: Tensor, k: int) -> HookSpec:
+        # a reference batch matched to the prompts is tiled like the prompts
+        tiled = {l: (r.repeat(k, 1, 1, 1) if r.shape[0] == B and B > 1 else r) for l, r in repl.items()}
+        return ablation_hooks(model, mask, kind, tiled)
+
+    clean, results = batched_sweep(model, tokens, metric, heads, batch_heads, hooks_for, attention_mask)
+    rows = [{"layer": l, "head": h, "metric": m, "delta": m - clean, "how": kind.value} for (l, h), m in results]
+    return pd.DataFrame(rows, columns=["layer", "head", "metric", "delta", "how"])

@@ -1,0 +1,70 @@
+"""interp/heads/sweeps.py: batched single-head sweeps equal one head at a time, whatever the metric's form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.heads.ablate import AblationKind, ablate_heads
+from interp.heads.loss import LMLoss, lm_loss
+from interp.heads.sweeps import batched_sweep, single_head_ablation
+
+from conftest import make_tiny
+
+
+def _ref_tokens(seed: int, shape=(2, 7)) -> torch.Tensor:
+    return torch.randint(4, 100, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("how", ["zero", "uniform", "mean", "resample"])
+def test_batched_sweep_equals_one_at_a_time(how, tokens):
+    model = make_tiny("llama")
+    ref = _ref_tokens(13)
+    metric = lm_loss
+    df = single_head_ablation(model, tokens, metric, how=how, batch_heads=3, reference=ref)
+    assert len(df) == 8 and list(df.columns) == ["layer", "head", "metric", "delta", "how"]
+    clean = float(metric(model(tokens), tokens))
+    for row in df.to_dict("records"):
+        with ablate_heads(model, [(row["layer"], row["head"])], how=how, reference=ref):
+            one = float(metric(model(tokens), tokens))
+        assert row["metric"] == pytest.approx(one, abs=1e-5)
+        assert row["delta"] == pytest.approx(one - clean, abs=1e-5)
+    assert df.delta.abs().max() > 1e-4
+
+
+def test_metric_forms_and_kinds_give_the_same_frame(tokens):
+    """LMLoss (binds the tokens), lm_loss (the older form) and an AblationKind instead of its string."""
+    model = make_tiny("qwen2")
+    ref = _ref_tokens(5)
+    by_function = single_head_ablation(model, tokens, lm_loss, how="mean", batch_heads=5, reference=ref)
+    by_class = single_head_ablation(model, tokens, LMLoss, how=AblationKind.MEAN, batch_heads=5, reference=ref)
+    assert by_function.equals(by_class)
+    assert set(by_class["how"]) == {"mean"}
+
+
+def test_batched_sweep_runs_each_chunk_with_its_own_masks(tokens):
+    """hooks_for gets a [k*batch, layer, head] mask with one head per copy; chunks cover every head once."""
+    model = make_tiny("llama")
+    heads = [(0, 0), (0, 3), (1, 1), (1, 2), (1, 3)]
+    calls = []
+
+    def hooks_for(mask, k):
+        calls.append((k, mask.clone()))
+        return []
+
+    clean, results = batched_sweep(model, tokens, LMLoss, heads, 2, hooks_for)
+    assert [k for k, _ in calls] == [2, 2, 1]
+    B = tokens.shape[0]
+    seen = []
+    for k, mask in calls:
+        assert mask.shape == (k * B, 2, 4)
+        for j in range(k):
+            rows = mask[j * B : (j + 1) * B]
+            assert bool((rows == rows[0]).all()) and int(rows[0].sum()) == 1
+            seen.append(tuple(int(i) for i in rows[0].nonzero()[0]))
+    assert seen == heads
+    # no hooks: every copy is the clean run
+    assert [h for h, _ in results] == heads
+    assert all(v == pytest.approx(clean, abs=1e-6) for _, v in results)
+    with pytest.raises(ValueError, match="batch_heads must be >= 1"):
+        batched_sweep(model, tokens, LMLoss, heads, 0, hooks_for)
