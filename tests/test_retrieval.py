@@ -239,7 +239,8 @@ def test_run_niah_rejects_empty():
 
 
 def test_niah_accuracy_table_and_heatmap():
-    from interp.heads.niah import niah_accuracy, niah_heatmap
+    from interp.heads.niah import niah_accuracy
+    from interp.viz import niah_heatmap
 
     df = pd.DataFrame(dict(n_tokens=[1024, 1024, 1024, 2048], depth=[0.0, 0.0, 1.0, 0.0], correct=[True, False, True, False]))
     table = niah_accuracy(df)
