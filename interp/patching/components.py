@@ -16,6 +16,7 @@ by string ("resid_pre", "z", ...); `component(name)` turns the string into a `Co
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -33,7 +34,7 @@ AXES = {"pos": ("layer", "pos"), "head": ("layer", "head"), "pos_head": ("layer"
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(ABC):
     """How an activation is laid out; the subclasses say how a patch index selects part of it.
 
     name: "resid", "heads", "kv_heads" or "pattern"; shape: the activation's axes;
@@ -66,20 +67,21 @@ class Layout:
             self._write(xs[j], src, pos, head, offset)
         return x
 
+    @abstractmethod
     def _write(self, x: Tensor, src: Tensor, pos: Optional[int], head: Optional[int], offset: int) -> None:
-        raise NotImplementedError
+        """Write the source values of one patch (position and/or head) into x, in place."""
 
+    @abstractmethod
     def changed_positions(self, src: Tensor, run: Tensor) -> Tensor:
         """Where a patch would change the run: Bool[Tensor, "pos head"] ("pos 1" for the residual stream).
 
         src / run: one layer's activation of the source and run sets. Prompt pairs that differ in
         one token share every activation before it (attention is causal), so this is False there.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def attribution(self, delta_grad: Tensor, by: str) -> Tensor:
         """Sum (source - run) * grad over everything but the patch axes (in `axes(by)` order, less the layer)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
