@@ -86,3 +86,14 @@ def tokens() -> torch.Tensor:
 def smollm():
     """The bundled real model (installed by the README's set-up command)."""
     return interp.load("smollm2-135m")
+
+
+def random_prompt_pairs(n: int = 3, pos: int = 6, seed: int = 0):
+    """Random clean prompts and corrupted copies differing at position 2, with random answer pairs."""
+    from interp.circuits.tasks.base import PromptPairs
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 100, (n, pos), generator=g)
+    corr = clean.clone()
+    corr[:, 2] = torch.randint(4, 100, (n,), generator=g)
+    return PromptPairs(clean, corr, torch.randint(4, 100, (n, 2), generator=g))

@@ -4,17 +4,8 @@ import pytest
 import torch
 
 from interp.circuits import EdgeScores, Graph, edge_attribution, node_outputs, patched_logits, receiver_gradients
-from interp.circuits.tasks.base import PromptPairs
 
-from conftest import make_tiny
-
-
-def _task(n=3, pos=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 100, (n, pos), generator=g)
-    corr = clean.clone()
-    corr[:, 2] = torch.randint(4, 100, (n,), generator=g)
-    return PromptPairs(clean, corr, torch.randint(4, 100, (n, 2), generator=g))
+from conftest import make_tiny, random_prompt_pairs
 
 
 def _all_single_edges(m, g, task, outputs):
@@ -34,7 +25,7 @@ def test_eap_is_the_derivative_of_exact_edge_patching(family):
     (metric(patched) - metric(clean)) / eps must equal the EAP score of that edge, for every edge."""
     m = make_tiny(family)
     m.hf_model.double()  # the RMSNorm still runs in float32 inside HF: eps 1e-3, tolerance 5e-3
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     scores = edge_attribution(m, task)
     eps = 1e-3
     clean_out = node_outputs(m, task.clean_tokens, g)
@@ -48,7 +39,7 @@ def test_eap_is_the_derivative_of_exact_edge_patching(family):
 def test_eap_and_ig_track_exact_edge_patching():
     """Full corruptions: the first-order scores correlate with one-forward-per-edge exact patching."""
     m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     exact, r, u = _all_single_edges(m, g, task, node_outputs(m, task.corrupted_tokens, g))
     eap = edge_attribution(m, task).scores[r, u].double()
     ig = edge_attribution(m, task, method="eap-ig", steps=16).scores[r, u].double()
@@ -60,7 +51,7 @@ def test_receiver_gradients_sum_to_the_shared_gradient():
     """The q/k/v receivers of a layer split the gradient at its ln1 input: mapped back, they sum to the
     gradient the residual stream gets through ln1 (checked against autograd on resid_pre via ln1.hook_normalized)."""
     m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     grads, _ = receiver_gradients(m, g, task.clean_tokens, task.metric)
     seen = {}
     _, cache = m.run_with_cache(task.clean_tokens, names_filter=["blocks.1.hook_resid_pre"])
@@ -82,7 +73,7 @@ def test_receiver_gradients_sum_to_the_shared_gradient():
 
 def test_ig_with_one_step_is_the_gradient_at_the_midpoint():
     m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     ig = edge_attribution(m, task, method="eap-ig", steps=1)
     cl, co = node_outputs(m, task.clean_tokens, g), node_outputs(m, task.corrupted_tokens, g)
     grads, _ = receiver_gradients(m, g, task.clean_tokens, task.metric, embed=(cl[0] + co[0]) / 2)

@@ -15,17 +15,8 @@ from torch import Tensor
 
 import interp.circuits.graph as graph_module
 from interp.circuits import Edge, Graph, Node, node_outputs, patched_logits
-from interp.circuits.tasks.base import PromptPairs
 
-from conftest import make_tiny
-
-
-def _task(n=3, pos=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 100, (n, pos), generator=g)
-    corr = clean.clone()
-    corr[:, 2] = torch.randint(4, 100, (n,), generator=g)
-    return PromptPairs(clean, corr, torch.randint(4, 100, (n, 2), generator=g))
+from conftest import make_tiny, random_prompt_pairs
 
 
 # ---------------------------------------------------------------------------- circuits/graph.py at 45e1437, verbatim
@@ -225,7 +216,7 @@ def test_unsupported_family_refused():
 def test_patched_run_endpoints(family):
     """Nothing corrupted = the clean run; every edge corrupted = the corrupted run."""
     m = make_tiny(family)
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     co = node_outputs(m, task.corrupted_tokens, g)
     with torch.no_grad():
         clean, corr = m(task.clean_tokens), m(task.corrupted_tokens)
@@ -243,7 +234,7 @@ def test_patched_logits_are_bit_identical_to_45e1437(family):
     """Random masks from a few edges to nearly all (both the direct and the total - kept sums), with and
     without logits_to_keep: the same bits as the single-function implementation."""
     m = make_tiny(family)
-    g, task = Graph.from_model(m), _task(n=2, pos=5, seed=3)
+    g, task = Graph.from_model(m), random_prompt_pairs(n=2, pos=5, seed=3)
     co = node_outputs(m, task.corrupted_tokens, g)
     gen = torch.Generator().manual_seed(1)
     for p in (0.05, 0.5, 0.95, 1.0):
@@ -257,7 +248,7 @@ def test_patched_logits_are_bit_identical_to_45e1437(family):
 def test_summing_kept_edges_from_the_total_equals_summing_corrupted_edges(monkeypatch):
     """A receiver with few kept edges reads total - kept; the direct sum over its corrupted edges must agree."""
     m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     co = node_outputs(m, task.corrupted_tokens, g)
     gen = torch.Generator().manual_seed(0)
     corrupt = g.mask & (torch.rand(g.mask.shape, generator=gen) < 0.7)  # most edges corrupted, some kept
@@ -277,7 +268,7 @@ def test_summing_kept_edges_from_the_total_equals_summing_corrupted_edges(monkey
 
 def test_patched_logits_refuses_wrong_shapes():
     m = make_tiny("llama")
-    g, task = Graph.from_model(m), _task()
+    g, task = Graph.from_model(m), random_prompt_pairs()
     co = node_outputs(m, task.corrupted_tokens, g)
     with pytest.raises(ValueError, match="corrupt must be"):
         patched_logits(m, g, task.clean_tokens, co, g.mask[:-1])
