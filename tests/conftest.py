@@ -4,6 +4,7 @@ bundled SmolLM2 loaded once per session."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -97,3 +98,14 @@ def random_prompt_pairs(n: int = 3, pos: int = 6, seed: int = 0):
     corr = clean.clone()
     corr[:, 2] = torch.randint(4, 100, (n,), generator=g)
     return PromptPairs(clean, corr, torch.randint(4, 100, (n, 2), generator=g))
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch) -> Path:
+    """A tiny llama GGUF file written from `make_hf("llama")`; INTERP_CACHE points into tmp_path."""
+    from test_loading import write_llama_gguf
+
+    monkeypatch.setenv("INTERP_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(make_hf("llama"), path)
+    return path

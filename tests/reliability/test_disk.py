@@ -390,16 +390,6 @@ GATED_CONVERSION = """
 """
 
 
-@pytest.fixture
-def tiny_gguf(tmp_path, monkeypatch) -> Path:
-    from test_loading import write_llama_gguf
-
-    monkeypatch.setenv("INTERP_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "tiny.gguf"
-    write_llama_gguf(make_hf("llama"), path)
-    return path
-
-
 def test_a_killed_conversion_leaves_nothing_for_the_next(tiny_gguf, tmp_path):
     from interp.models.bundled import convert_gguf
 
