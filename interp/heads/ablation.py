@@ -11,7 +11,10 @@ docs use them:
 - `interp.heads.ablate`: `ablate_heads` and the hooks behind it. The four ways to remove a head
   are the `AblationKind`s zero, mean, resample and uniform (strings are accepted everywhere);
   see that module's docstring for what each does.
-- `interp.heads.sweeps`: `single_head_ablation`, every head ablated alone, several per forward.
+- `interp.heads.sweeps`: `single_head_ablation`, every head ablated alone, several per forward:
+  by default stacked as per-row kernel head gates and started at the ablated layer
+  (`interp.heads.stacked`: `stacked_head_ablation`), or with hooks on full forwards
+  (`backend="eager"`).
 - `interp.heads.calibration`: attention calibration (ACT, Yu et al. 2024), which re-weights
   attention to non-initial sinks: `calibrate_pattern`, `calibrate_heads`, `act_search`, `act_calibrate`.
 - `interp.heads.loss`: `lm_loss` and `LMLoss`, and how a metric of tokens becomes an
@@ -35,12 +38,14 @@ from .ablate import (
 )
 from .calibration import ACT_BETA, ACT_THRESHOLD, act_calibrate, act_search, calibrate_heads, calibrate_pattern, calibration_hooks
 from .loss import HeadMetric, LMLoss, TokenBoundMetric, TokenMetric, lm_loss, metric_for
-from .sweeps import batched_sweep, single_head_ablation
+from .stacked import stacked_head_ablation
+from .sweeps import SWEEP_BACKENDS, batched_sweep, single_head_ablation
 
 __all__ = [
     "ACT_BETA",
     "ACT_THRESHOLD",
     "HOWS",
+    "SWEEP_BACKENDS",
     "AblationKind",
     "Head",
     "HeadMetric",
@@ -64,4 +69,5 @@ __all__ = [
     "reference_z",
     "replacements",
     "single_head_ablation",
+    "stacked_head_ablation",
 ]

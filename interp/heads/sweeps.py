@@ -1,8 +1,11 @@
 """Single-head sweeps: intervene on every head alone, several heads per forward.
 
 `batched_sweep` repeats the prompt batch once per head of a chunk and gives each copy a head mask
-with only its head set, so `batch_heads` interventions share one forward. `single_head_ablation`
-sweeps ablations (`interp.heads.ablate`); `interp.heads.calibration.act_search` sweeps ACT.
+with only its head set, so `batch_heads` interventions share one full forward (hooks).
+`single_head_ablation` sweeps ablations (`interp.heads.ablate`): by default stacked per layer as
+per-row kernel head gates, each forward starting at the ablated layer from a clean run's residual
+stream (`interp.heads.stacked`); `backend="eager"` runs them through `batched_sweep`'s hooks (the
+oracle of the tests). `interp.heads.calibration.act_search` sweeps ACT.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from torch import Tensor
 from ..hooks import HookedModel, HookSpec, Input
 from .ablate import AblationKind, Head, ablation_hooks, all_heads, replacements
 from .loss import HeadMetric, metric_for
+from .stacked import stacked_head_ablation
+
+SWEEP_BACKENDS = ("stacked", "eager")
+EAGER_BATCH_HEADS = 8
 
 
 def batched_sweep(
@@ -59,31 +66,42 @@ def single_head_ablation(
     tokens: Input,
     metric: HeadMetric,
     how: Union[str, AblationKind] = "zero",
-    batch_heads: int = 8,
+    batch_heads: Optional[int] = None,
     reference: Optional[Input] = None,
     heads: Optional[Sequence[Head]] = None,
     attention_mask: Optional[Tensor] = None,
     reference_mask: Optional[Tensor] = None,
     per_position: bool = False,
+    backend: str = "stacked",
 ) -> pd.DataFrame:
     """Ablate each head alone and measure `metric` on the logits (a scalar over the prompt batch).
 
     metric: `LMLoss` (or any class that binds tokens), or `metric(logits, tokens)` such as `lm_loss`.
-    `batch_heads` head ablations run in one forward: the prompt batch is repeated that many times
-    and each copy gets its own head mask inside the hooks. Returns one row per (layer, head) with
+    backend: "stacked" (default) runs the ablations of a layer as per-row kernel head gates
+    [copies*batch, head], from that layer on, from one clean run's residual stream
+    (`interp.heads.stacked`); "eager" runs full forwards with hooks (`batched_sweep`). Both give
+    the same numbers (to float rounding). batch_heads: ablations per forward (None: every head of
+    a layer for "stacked", within a logits budget; 8 for "eager"); the prompt batch is repeated
+    that many times and each copy removes its own head. Returns one row per (layer, head) with
     columns layer, head, metric, delta (= metric - clean metric), how.
     """
+    if backend not in SWEEP_BACKENDS:
+        raise ValueError(f"backend must be one of {SWEEP_BACKENDS}, got {backend!r}")
     kind = AblationKind.parse(how)
     tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     heads = all_heads(model, heads)
     B = tokens.shape[0]
     repl = replacements(model, kind, sorted({l for l, _ in heads}), reference, reference_mask, per_position)
+    if backend == "stacked":
+        clean, results = stacked_head_ablation(model, tokens, metric, kind, heads, repl, batch_heads, attention_mask)
+    else:
 
-    def hooks_for(mask: Tensor, k: int) -> HookSpec:
-        # a reference batch matched to the prompts is tiled like the prompts
-        tiled = {l: (r.repeat(k, 1, 1, 1) if r.shape[0] == B and B > 1 else r) for l, r in repl.items()}
-        return ablation_hooks(model, mask, kind, tiled)
+        def hooks_for(mask: Tensor, k: int) -> HookSpec:
+            # a reference batch matched to the prompts is tiled like the prompts
+            tiled = {l: (r.repeat(k, 1, 1, 1) if r.shape[0] == B and B > 1 else r) for l, r in repl.items()}
+            return ablation_hooks(model, mask, kind, tiled)
 
-    clean, results = batched_sweep(model, tokens, metric, heads, batch_heads, hooks_for, attention_mask)
+        per_forward = EAGER_BATCH_HEADS if batch_heads is None else batch_heads
+        clean, results = batched_sweep(model, tokens, metric, heads, per_forward, hooks_for, attention_mask)
     rows = [{"layer": l, "head": h, "metric": m, "delta": m - clean, "how": kind.value} for (l, h), m in results]
     return pd.DataFrame(rows, columns=["layer", "head", "metric", "delta", "how"])

@@ -16,12 +16,14 @@ def _ref_tokens(seed: int, shape=(2, 7)) -> torch.Tensor:
     return torch.randint(4, 100, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("backend", ["stacked", "eager"])
 @pytest.mark.parametrize("how", ["zero", "uniform", "mean", "resample"])
-def test_batched_sweep_equals_one_at_a_time(how, tokens):
+def test_batched_sweep_equals_one_at_a_time(how, backend, tokens):
+    """Both backends (stacked kernel gates, the default; eager hooks) equal `ablate_heads` one head at a time."""
     model = make_tiny("llama")
     ref = _ref_tokens(13)
     metric = lm_loss
-    df = single_head_ablation(model, tokens, metric, how=how, batch_heads=3, reference=ref)
+    df = single_head_ablation(model, tokens, metric, how=how, batch_heads=3, reference=ref, backend=backend)
     assert len(df) == 8 and list(df.columns) == ["layer", "head", "metric", "delta", "how"]
     clean = float(metric(model(tokens), tokens))
     for row in df.to_dict("records"):
