@@ -3,6 +3,10 @@
     interp lens smollm2-135m --prompt "The Eiffel Tower is in the city of" --target " Paris"
     interp cache smollm2-135m --prompts prompts.txt --hooks "blocks.*.hook_resid_post" --out acts/
     interp hooks smollm2-135m
+    torchrun --standalone --nproc_per_node=4 -m interp heads smollm2-135m --out heads.parquet
+
+`interp heads` and `interp cache` started by torchrun take their shard from RANK / WORLD_SIZE and
+their device from LOCAL_RANK; rank 0 finishes the job after a barrier (docs/distributed.md).
 
 Bad input (an unknown model, a --target of several tokens, a pattern that matches no hook, a
 missing file, an out-of-range number, a wrong --out suffix) is reported as one line on stderr,
@@ -30,8 +34,10 @@ import torch
 from .tables import TABLE_SUFFIXES, write_table
 
 if TYPE_CHECKING:
+    from .distributed import Launch
     from .heads.table import HeadJobSettings
     from .hooks import HookedModel
+    from .store import CacheStore
 # HeadJobSettings' messages start with the field name; `interp heads` shows its flag instead.
 HEAD_FLAGS = {"analyses": "--analyses", "n_prompts": "--prompts", "length": "--length", "ablation": "--ablation",
               "niah_lengths": "--niah-lengths", "niah_depths": "--niah-depths", "niah_per_cell": "--niah-per-cell"}
@@ -153,13 +159,16 @@ def _check_targets(model: "HookedModel", targets: Sequence[str], top_k: int) -> 
 
 def cmd_lens(args: argparse.Namespace) -> int:
     from .lens import logit_lens_table, readable_lens_table
+    from .tuned_lens_cli import check_tuned_lens_path, load_tuned_lens_arg
 
     out = _check_lens_args(args)
+    check_tuned_lens_path(args.tuned_lens)  # before the model loads
     model = _load(args)
     _check_targets(model, args.target or [], args.top_k)
-    table = logit_lens_table(model, args.prompt, top_k=args.top_k, targets=args.target or None)
+    lens = load_tuned_lens_arg(args.tuned_lens, model)
+    table = logit_lens_table(model, args.prompt, top_k=args.top_k, targets=args.target or None, lens=lens)
     print(f"{model}\nprompt tokens: {model.to_str_tokens(args.prompt)}")
-    print("logit lens at the last position (tokens in quotes, so ' Paris' starts with a space; rank 0 = the top token):")
+    print(f"{'tuned' if lens else 'logit'} lens at the last position (tokens in quotes, so ' Paris' starts with a space; rank 0 = the top token):")
     print(readable_lens_table(table))
     if out:  # the raw table: token strings as they are, numeric ranks
         write_table(table, out)
@@ -167,25 +176,28 @@ def cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace) -> "Optional[Launch]":
+    """The torchrun launch this process is a rank of (None when it runs alone); under torchrun,
+    --device becomes the rank's device (cuda:LOCAL_RANK unless pinned)."""
+    from .distributed import launched, pick_device
+
+    try:
+        launch = launched()
+        if launch is not None:
+            args.device = pick_device(args.device, launch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return launch
+
+
+def _cache_prompts(model: "HookedModel", store: "CacheStore", prompts: Sequence[str], indices: range, names: list[str],
+                   quiet: bool) -> str:
+    """Cache prompts[i] for i in `indices` (verified entries reused); returns the summary counts."""
     from tqdm import tqdm
 
-    from .store import CacheStore
-
-    prompts_path = Path(args.prompts)
-    if not prompts_path.exists():
-        raise SystemExit(f"interp: prompts file {prompts_path} does not exist")
-    prompts = [line.rstrip("\n") for line in prompts_path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit(f"interp: {prompts_path} has no prompts (one per line)")
-    model = _load(args)
-    names = _hook_filter(model, args.hooks)
-    store = CacheStore(args.out)
-    if args.repair:
-        print(f"interp: repaired {store.root / store.MANIFEST}: {store.repair().summary()}", file=sys.stderr)
     new, cached, redone = 0, 0, {"damaged": 0, "missing": 0}
-    for number, prompt in enumerate(tqdm(prompts, desc="caching", unit="prompt", disable=args.quiet), 1):
-        tokens = model.to_tokens(prompt)
+    for i in tqdm(indices, desc="caching", unit="prompt", disable=quiet):
+        tokens = model.to_tokens(prompts[i])
         key = store.key_for(model, tokens, names)
         status = store.status(key)  # resumable: an entry counts as done only once its checksum is verified
         if status == "ok":
@@ -197,11 +209,41 @@ def cmd_cache(args: argparse.Namespace) -> int:
             redone[status] += 1
             moved = store.evict(key)
             what = f"failed its checksum; moved the file to {moved}" if moved else "lost its file"
-            print(f"interp: the cache entry of prompt {number} ({key[:12]}…) {what}; recomputing it", file=sys.stderr)
+            print(f"interp: the cache entry of prompt {i + 1} ({key[:12]}…) {what}; recomputing it", file=sys.stderr)
         store.get_or_compute(model, tokens, names_filter=names)
     again = sum(redone.values())
     recomputed = f", {again} recomputed ({redone['damaged']} damaged, {redone['missing']} missing)" if again else ""
-    print(f"{new} new, {cached} already cached{recomputed}; {len(names)} hooks per prompt; store: {store.root}")
+    return f"{new} new, {cached} already cached{recomputed}"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .distributed import process_group
+    from .heads.table import shard_indices
+    from .store import CacheStore
+
+    prompts_path = Path(args.prompts)
+    if not prompts_path.exists():
+        raise SystemExit(f"interp: prompts file {prompts_path} does not exist")
+    prompts = [line.rstrip("\n") for line in prompts_path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"interp: {prompts_path} has no prompts (one per line)")
+    launch = _launch(args)
+    model = _load(args)
+    names = _hook_filter(model, args.hooks)
+    store = CacheStore(args.out)
+    with process_group(launch, model.device) as group:
+        if args.repair and group.is_main:
+            print(f"interp: repaired {store.root / store.MANIFEST}: {store.repair().summary()}", file=sys.stderr)
+        group.barrier()  # under torchrun: no rank writes before the repair is done
+        # every writer of the store holds its lock for the file and the manifest, so ranks share one store
+        indices = shard_indices(len(prompts), launch.shard) if launch else range(len(prompts))
+        counts = _cache_prompts(model, store, prompts, indices, names, args.quiet or not group.is_main)
+        span = f"prompts {indices.start + 1}-{indices.stop} of {len(prompts)}" if indices else f"none of the {len(prompts)} prompts"
+        tag = f"{launch.tag()} {span}: " if launch else ""
+        print(f"{tag}{counts}; {len(names)} hooks per prompt; store: {store.root}", flush=True)
+        group.barrier()
+        if launch is not None and group.is_main:
+            print(f"all {launch.world_size} ranks done; store: {store.root} ({len(store.keys())} entries)")
     return 0
 
 
@@ -249,20 +291,33 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
+    from .distributed import process_group
     from .heads.table import merge_head_parts, parts_dir_for, run_head_job
 
     out = _table_path(args.out, "the head table")
     shard = _shard(args.shard)
+    launch = _launch(args)
+    if launch is not None:
+        if shard != (0, 1):
+            raise UsageError(f"--shard {args.shard} under torchrun: each rank computes shard RANK/WORLD_SIZE "
+                             f"({launch.rank}/{launch.world_size} here); leave --shard out")
+        shard = launch.shard
     settings = _head_settings(args)
     model = _load(args)
     parts = parts_dir_for(out)
-    done = run_head_job(model, parts, settings, shard, progress=not args.quiet)
-    print("computed now: " + ", ".join(f"{a} {n}" for a, n in done.items()) + f" (finished prompts are kept in {parts})")
-    if shard[1] > 1:
-        print(f"shard {shard[0]}/{shard[1]} done; when every shard is: interp merge {parts} [other parts folders] --out {out}")
-        return 0
-    write_table(merge_head_parts([parts]), out)
-    print(f"wrote {out}")
+    with process_group(launch, model.device) as group:
+        done = run_head_job(model, parts, settings, shard, progress=not args.quiet and group.is_main)
+        tag = launch.tag() + " " if launch else ""
+        print(f"{tag}computed now: " + ", ".join(f"{a} {n}" for a, n in done.items()) + f" (finished prompts are kept in {parts})",
+              flush=True)
+        if launch is None and shard[1] > 1:
+            print(f"shard {shard[0]}/{shard[1]} done; when every shard is: interp merge {parts} [other parts folders] --out {out}")
+            return 0
+        group.barrier()  # under torchrun: every rank's parts are written
+        if not group.is_main:
+            return 0
+        write_table(merge_head_parts([parts]), out)  # what `interp merge` does
+    print(f"wrote {out}" + (f" (merged the parts of {launch.world_size} ranks)" if launch else ""))
     return 0
 
 
@@ -294,6 +349,8 @@ def _debug_flag(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tuned_lens_cli import add_lens_flag, add_tuned_lens_parser
+
     parser = argparse.ArgumentParser(prog="interp", description="Interpretability jobs on Hugging Face checkpoints (no network).")
     _debug_flag(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append",
                    help="one token whose probability and rank to report (repeatable); mind the leading space: ' Paris'")
     p.add_argument("--out", help="also write the raw table (.csv or .parquet): token strings as they are, rank 0 = top token")
+    add_lens_flag(p)
     p.set_defaults(func=cmd_lens)
 
     p = sub.add_parser("cache", help="build a shared on-disk activation cache for a prompt file")
@@ -333,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--analyses", default="sink,ablation,importance", help="comma-separated: sink, ablation, importance, retrieval")
     p.add_argument("--out", required=True, help="table path (.parquet or .csv); per-prompt parts go to <out>.parts/")
-    p.add_argument("--shard", default="0/1", help="i/n: compute only block i of n of every prompt set (then interp merge)")
+    p.add_argument("--shard", default="0/1", help="i/n: compute only block i of n of every prompt set (then interp merge); "
+                   "under torchrun leave it out: each rank takes RANK/WORLD_SIZE")
     p.add_argument("--prompts", type=int, default=0, help="use the first N of the 18 bundled prompts (default 0: all)")
     p.add_argument("--length", type=int, default=64,
                    help="tokens per prompt for sink/ablation/importance (Gu et al.: 64; at least 4, below which every head is a sink)")
@@ -349,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="table path (.parquet or .csv)")
     _debug_flag(p)
     p.set_defaults(func=cmd_merge)
+    add_tuned_lens_parser(sub, model_args)
     return parser
 
 

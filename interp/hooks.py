@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from . import attention, sites
 from .activation_cache import ActivationCache
 from .hook_points import HookFn, HookPoint, get_act_name, unknown_hook_error
-from .models.adapters import Adapter, ModelConfig, build_adapter, checkpoint_name, merge_fused_qkv, split_fused_qkv
+from .models.adapters import (
+    Adapter,
+    ModelConfig,
+    build_adapter,
+    checkpoint_name,
+    merge_fused_qkv,
+    real_state_dict,
+    split_fused_qkv,
+)
 
 Input = Union[str, Sequence[str], Tensor]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -374,7 +382,9 @@ class HookedModel(nn.Module):
     # ------------------------------------------------------------------ running
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the device the embedding computes on (its execution device when the model is
+        dispatched with a device_map; with layers offloaded, never `meta`)."""
+        return self.adapter.input_device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -417,9 +427,13 @@ class HookedModel(nn.Module):
 
         Only the selected hook points are recorded, so `names_filter` is also how memory is
         kept down; patterns make attention run on the eager path for those layers only.
+        device: move every cached tensor there as it is recorded (a model split over devices
+        with a device_map records each layer on its own device; this gathers them). The logits
+        stay where the model returns them.
         """
         names = self.resolve_names(names_filter)
         store: dict[str, Tensor] = {}
+        device = torch.device(device) if device is not None else None
 
         def save(x: Tensor, hook: HookPoint) -> None:
             t = x.detach()
@@ -515,7 +529,7 @@ class HookedModel(nn.Module):
         stamp = tuple((n, t.data_ptr(), t.dtype, t._version) for n, t in state)
         if self._fingerprint is None or self._fingerprint[0] != stamp:
             h = hashlib.sha256()
-            for name, t in state:
+            for name, t in real_state_dict(self.hf_model):  # offloaded weights read from disk: the in-memory fingerprint
                 h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
                 h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
             self._fingerprint = (stamp, h.hexdigest())

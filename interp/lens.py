@@ -12,12 +12,17 @@ shape, so it equals the model's logits bit for bit.
     frame = logit_lens_frame(model, "The Eiffel Tower is in the city of", targets=[" Paris"])
     interp.viz.lens_heatmap(frame).show()
     print(readable_lens_table(logit_lens_table(model, "The Eiffel Tower is in the city of", targets=[" Paris"])))
+
+Every function takes `lens=`: None for the logit lens, or any object with
+`lens_logits(model, resid, layer) -> logits` (a `Lens`), such as a trained tuned lens
+(`interp.vocab.tuned_lens.TunedLens`, Belrose et al. 2023), which reads layer l < n_layers
+through its translator. The last component is always read as the model's output, unchanged.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Protocol, Sequence, Union
 
 import pandas as pd
 import torch
@@ -29,6 +34,15 @@ from .hooks import HookedModel, Input
 Target = Union[str, int]
 # Elements of [pos, d_vocab] float32 log-probabilities held at once per layer (2**24 = 64 MiB).
 CHUNK_ELEMENTS = 2**24
+
+
+class Lens(Protocol):
+    """What `lens=` takes: logits read from the residual stream entering block `layer` (n_layers: the last block's output).
+
+    Optionally also `check_model(model)` (raises when the lens was not made for `model`) and `name`.
+    """
+
+    def lens_logits(self, model: HookedModel, resid: Tensor, layer: int) -> Tensor: ...
 
 
 def lens_components(model: HookedModel) -> list[tuple[str, str]]:
@@ -49,19 +63,37 @@ def lens_logits(model: HookedModel, resid: Tensor) -> Tensor:
     return model.unembed(model.apply_final_norm(resid))
 
 
+def _read(model: HookedModel, resid: Tensor, layer: int, lens: Optional[Lens]) -> Tensor:
+    """Logits of component `layer`: the model's own final norm and unembedding at the last one, else `lens` (or the logit lens)."""
+    if lens is None or layer == model.cfg.n_layers:
+        return lens_logits(model, resid)
+    return lens.lens_logits(model, resid, layer)
+
+
+def _check_lens(model: HookedModel, lens: Optional[Lens]) -> None:
+    check = getattr(lens, "check_model", None)
+    if check is not None:
+        check(model)
+
+
+def _lens_name(lens: Optional[Lens]) -> str:
+    return "logit lens" if lens is None else getattr(lens, "name", None) or "tuned lens"
+
+
 @torch.no_grad()
 def logit_lens_logits(
-    model: HookedModel, input: Input, attention_mask: Optional[Tensor] = None
+    model: HookedModel, input: Input, attention_mask: Optional[Tensor] = None, lens: Optional[Lens] = None
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Logits read at every component. Returns (Float[Tensor, "component batch pos d_vocab"], tokens, labels).
 
     Each component is unembedded on its own [batch, pos, d_model] tensor, the shape the model's
     forward uses, so the last one equals `model(tokens)` exactly. This holds n_layers + 1 copies
     of the logits: for long prompts or big vocabularies use `logit_lens_frame`, which works per
-    layer and per chunk of positions.
+    layer and per chunk of positions. `lens`: see `Lens` (default: the logit lens).
     """
+    _check_lens(model, lens)
     tokens, resids, labels = _residuals(model, input, attention_mask)
-    return torch.stack([lens_logits(model, r) for r in resids]), tokens, labels
+    return torch.stack([_read(model, r, layer, lens) for layer, r in enumerate(resids)]), tokens, labels
 
 
 def _encode(model: HookedModel, text: str) -> list[int]:
@@ -126,10 +158,12 @@ def _lens_rows(
     batch_index: int,
     attention_mask: Optional[Tensor],
     chunk_size: Optional[int],
+    lens: Optional[Lens] = None,
 ) -> tuple[list[dict], list[str]]:
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     target_ids = _target_ids(model, targets)
+    _check_lens(model, lens)
     tokens, resids, labels = _residuals(model, input, attention_mask)
     if not -tokens.shape[0] <= batch_index < tokens.shape[0]:
         raise ValueError(f"batch_index {batch_index} is out of range for a batch of {tokens.shape[0]} prompts")
@@ -160,7 +194,7 @@ def _lens_rows(
         final = final_logits.log_softmax(-1)
         final_p = final.exp()
         for layer, (label, resid) in enumerate(zip(labels, resids)):
-            logits = final_logits if layer == len(resids) - 1 else lens_logits(model, resid[:, sl])[0].float()
+            logits = final_logits if layer == len(resids) - 1 else _read(model, resid[:, sl], layer, lens)[0].float()
             logprobs = final if layer == len(resids) - 1 else logits.log_softmax(-1)
             cols: dict[str, list] = {
                 "layer": [layer] * len(chunk_pos), "label": [label] * len(chunk_pos), "pos": list(chunk_pos),
@@ -193,6 +227,7 @@ def logit_lens_frame(
     positions: Optional[Sequence[int]] = None,
     attention_mask: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    lens: Optional[Lens] = None,
 ) -> pd.DataFrame:
     """The logit lens of one prompt as a tidy frame: one row per (layer, pos).
 
@@ -205,11 +240,13 @@ def logit_lens_frame(
     of a batch; `positions` a subset of positions (default all). Log-probabilities are computed
     per layer on chunks of positions (`chunk_size`, default 2**24 // d_vocab), so memory stays
     at two [chunk, d_vocab] float32 blocks whatever the prompt length.
-    df.attrs: tokens (the prompt's str tokens), component ("resid_pre"), metric_name.
+    `lens`: read layers l < n_layers through it instead (a trained tuned lens; see `Lens`); a
+    lens with `check_model` refuses a model it was not trained for.
+    df.attrs: tokens (the prompt's str tokens), component ("resid_pre"), metric_name ("logit lens" / "tuned lens").
     """
-    rows, str_tokens = _lens_rows(model, input, positions, top_k, targets, batch_index, attention_mask, chunk_size)
+    rows, str_tokens = _lens_rows(model, input, positions, top_k, targets, batch_index, attention_mask, chunk_size, lens)
     frame = pd.DataFrame(rows).sort_values(["layer", "pos"], kind="stable").reset_index(drop=True)
-    frame.attrs.update(tokens=str_tokens, component="resid_pre", metric_name="logit lens")
+    frame.attrs.update(tokens=str_tokens, component="resid_pre", metric_name=_lens_name(lens))
     return frame
 
 
@@ -219,11 +256,13 @@ def logit_lens_table(
     position: int = -1,
     top_k: int = 5,
     targets: Optional[Sequence[Target]] = None,
+    lens: Optional[Lens] = None,
 ) -> pd.DataFrame:
     """One row per layer at one `position` of the first prompt: layer, label, kl_to_final, the
     top-k tokens and probabilities (top1, p1, ...), and p('t') / rank('t') per target token.
+    `lens`: as in `logit_lens_frame` (default: the logit lens).
     """
-    rows, _ = _lens_rows(model, input, [position], top_k, targets, 0, None, None)
+    rows, _ = _lens_rows(model, input, [position], top_k, targets, 0, None, None, lens)
     frame = pd.DataFrame(rows).drop(columns=["pos", "token"])
     return frame
 

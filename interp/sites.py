@@ -90,7 +90,9 @@ def resid_mid(point: HookPoint) -> Tap:
     """
 
     def tap(attn_out: Tensor, state: dict) -> Tensor:
-        pre = state["resid_pre"]
+        # On a model split over devices the block's pre-hook sees resid_pre before accelerate moves
+        # it to the block's device; the block adds the moved copy (same values).
+        pre = state["resid_pre"].to(attn_out.device)
         mid = pre + attn_out
         new = point.run(mid)
         # Write back when edited, and when a backward hook needs the gradient to flow through `mid`.

@@ -8,7 +8,9 @@ file. A file whose checksum or key does not match its manifest entry is refused,
 overwritten. Each entry file carries its own key and a checksum of its tensors, so the manifest
 can be rebuilt from the files (`CacheStore.repair`, and automatically when it is missing or
 unreadable); a damaged file is moved aside into `damaged/`, never deleted. Writers and the
-manifest rebuild hold the store's lock (`<root>/.lock`).
+manifest rebuild hold the store's lock (`<root>/.lock`), and `put` re-reads the manifest under it,
+so several processes (the ranks of `torchrun -m interp cache`) can fill one store at once without
+losing each other's entries.
 """
 
 from __future__ import annotations

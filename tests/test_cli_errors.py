@@ -85,7 +85,7 @@ def test_the_installed_command_exits_2_with_one_line_and_debug_shows_the_traceba
     done = subprocess.run([sys.executable, "-m", "interp.cli", "lens", "no-such-model"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr.splitlines() == [
-        "interp: error: 'no-such-model' is neither a bundled model (smollm2-135m) nor an existing path. Hub names are not "
+        "interp: error: 'no-such-model' is neither a bundled model (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b) nor an existing path. Hub names are not "
         "downloaded: this toolkit never goes to the network; pass a local directory or file."
     ]
     done = subprocess.run([sys.executable, "-m", "interp.cli", "--debug", "lens", "no-such-model"],
@@ -94,7 +94,7 @@ def test_the_installed_command_exits_2_with_one_line_and_debug_shows_the_traceba
 
 
 def test_unknown_model_and_not_a_model_directory(tmp_path, capsys):
-    assert "neither a bundled model (smollm2-135m) nor an existing path" in refused(["lens", "no-such-model"], capsys)
+    assert "neither a bundled model (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b) nor an existing path" in refused(["lens", "no-such-model"], capsys)
     assert "has no config.json" in refused(["hooks", str(tmp_path)], capsys)
 
 

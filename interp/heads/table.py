@@ -3,6 +3,7 @@
     interp heads smollm2-135m --analyses sink,ablation,importance,retrieval --out heads.parquet
     interp heads smollm2-135m ... --out heads.parquet --shard 0/2     # and 1/2, anywhere
     interp merge heads.parquet.parts [more.parts ...] --out heads.parquet
+    torchrun --standalone --nproc_per_node=4 -m interp heads smollm2-135m ... --out heads.parquet
 
 How it stays correct when killed or split:
 - every analysis is computed prompt by prompt (one prompt per forward, so a value never depends
@@ -16,7 +17,9 @@ How it stays correct when killed or split:
 - `job.json` in the parts folder holds the model fingerprint and the settings; a job whose
   model or settings differ refuses the folder instead of mixing results;
 - the table is computed from the per-prompt files in index order, in float64, so merged shards
-  give exactly the table of an unsharded run.
+  give exactly the table of an unsharded run;
+- under torchrun each rank runs shard RANK/WORLD_SIZE into the same parts folder and rank 0
+  merges after a barrier (`interp heads` with `interp.distributed`; docs/distributed.md).
 
 Scores (definitions in DESIGN.md; papers cited in each module): sink_score = alpha at the
 first token (Gu et al.), sink_share, n_secondary_sinks; ablation_delta = mean change of LM loss
@@ -27,6 +30,7 @@ retrieval_score = Wu et al.'s score over NIAH samples answered correctly.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -272,7 +276,7 @@ def run_head_job(
     parts = Path(parts)
     works = {a: _work(model, settings, a) for a in settings.analyses}
     _open_parts(parts, _job_record(model, settings, {a: w.n_items for a, w in works.items()}))
-    done_now = {}
+    done_now, written = {}, 0
     for analysis, work in works.items():
         folder = parts / analysis
         folder.mkdir(exist_ok=True)
@@ -280,8 +284,22 @@ def run_head_job(
         todo = _todo(folder, shard_indices(work.n_items, shard))
         for i in tqdm(todo, desc=f"{analysis} (shard {shard[0]}/{shard[1]})", disable=not progress):
             _save_part(work.compute(i), folder, i)
+            written += 1
+            _crash_for_test(written)
         done_now[analysis] = len(todo)
     return done_now
+
+
+def _crash_for_test(written: int) -> None:
+    """Test hook: with INTERP_TEST_CRASH_AFTER=n set, die (exit status 1, no clean-up) right after the
+    n-th part this process writes, only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset
+    or 0) and, when INTERP_TEST_CRASH_RANK is set, only on that RANK. tests/test_torchrun.py uses it."""
+    after = os.environ.get("INTERP_TEST_CRASH_AFTER")
+    if not after or written != int(after) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if os.environ.get("INTERP_TEST_CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        print(f"[interp] INTERP_TEST_CRASH_AFTER={after}: exiting after {written} part(s) (test hook)", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def _load_items(parts_dirs: Sequence[Path], analysis: str, n_items: int) -> list[dict[str, Tensor]]:

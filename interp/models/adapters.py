@@ -9,6 +9,7 @@ and so on. Grouped-query attention: q, z, pattern and result are per query head
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -94,14 +95,20 @@ class Adapter:
     final_logit_softcapping: Optional[float] = None
 
     def W_O(self, layer: int) -> Float_HDM:
-        """Output weights split per query head: [n_heads, d_head, d_model]."""
+        """Output weights split per query head: [n_heads, d_head, d_model] (read from the offload map when offloaded)."""
         o = self.layers[layer].o_proj
-        w = o.weight if type(o).__name__ == "Conv1D" else o.weight.T  # Conv1D stores [in, out]
+        weight = real_param(o, "weight")
+        w = weight if type(o).__name__ == "Conv1D" else weight.T  # Conv1D stores [in, out]
         return w.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
 
     def b_O(self, layer: int) -> Optional[Tensor]:
         """The output projection's bias, Float[Tensor, "d_model"], or None."""
-        return self.layers[layer].o_proj.bias
+        return real_param(self.layers[layer].o_proj, "bias")
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids must go: the device the embedding runs on (its execution device when dispatched)."""
+        return execution_device(self.embed)
 
     def apply_norm_frozen(self, stack: Tensor, resid: Tensor) -> Tensor:
         """The final norm's map at `resid`, with its scale frozen, applied to every component of `stack`.
@@ -113,7 +120,7 @@ class Adapter:
         returned in stack's dtype, same shape as stack.
         """
         spec = self.final_norm_spec
-        weight = getattr(self.final_norm, "weight", None)
+        weight = real_param(self.final_norm, "weight")
         x = resid.float()
         if spec.kind == "layernorm":
             centred = stack.float() - stack.float().mean(-1, keepdim=True)
@@ -147,18 +154,138 @@ class Adapter:
         """
         if not 0 <= layer <= self.cfg.n_layers:
             raise ValueError(f"layer {layer} outside 0..{self.cfg.n_layers}")
-        replaced: list[nn.Module] = []
+        # A dispatched model (accelerate's device_map) already has an instance `forward` on each
+        # block (accelerate's hook wrapper): it is put back on exit, not deleted.
+        replaced: list[tuple[nn.Module, object]] = []
         try:
             for block in (self.layers[i].block for i in range(layer)):
+                replaced.append((block, block.__dict__.get("forward")))
                 block.forward = lambda hidden_states, *args, **kwargs: resid
-                replaced.append(block)
             yield
         finally:
-            for block in replaced:
-                del block.forward
+            for block, previous in replaced:
+                if previous is None:
+                    del block.forward
+                else:
+                    block.forward = previous
 
 
 Float_HDM = Tensor  # alias used in signatures: Float[Tensor, "head d_head d_model"]
+
+
+# ---------------------------------------------------------------------------- accelerate's big-model dispatch
+# `from_pretrained(device_map=...)` (interp.load(..., device_map=...)) attaches accelerate's
+# AlignDevicesHook to the modules: each hook moves a module's inputs to its execution device,
+# and, for offloaded modules (on "disk", or on "cpu" when the model runs on a GPU), loads the
+# module's own weights from its `weights_map` before its forward and puts them back on the meta
+# device after it. Outside its forward such a module's parameters are meta tensors: read them
+# with `real_param`.
+
+
+def _align_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHook(s) on this module (a SequentialHook may hold several), else []."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return [h for h in getattr(hook, "hooks", (hook,)) if hasattr(h, "execution_device")]
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate dispatched the model over devices or offloaded part of it (a `device_map` load)."""
+    return bool(getattr(model, "hf_device_map", None)) and any(_align_hooks(m) for m in model.modules())
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its accelerate execution device when dispatched, else its parameters' device."""
+    for hook in _align_hooks(module):
+        if hook.execution_device is not None:
+            return torch.device(hook.execution_device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def real_param(module: nn.Module, name: str) -> Optional[Tensor]:
+    """A module's own parameter or buffer `name` with its values, or None when it has none.
+
+    An offloaded module's parameter sits on the meta device outside its forward; its values are
+    then read from accelerate's offload map (disk or CPU RAM), in the parameter's dtype, on the
+    module's execution device. Within the module's forward, or when not offloaded, the
+    parameter itself is returned.
+    """
+    t = getattr(module, name, None)
+    if t is None or t.device.type != "meta":
+        return t
+    return real_param_from_hook(module, name, t)
+
+
+def real_param_from_hook(module: nn.Module, name: str, t: Tensor) -> Tensor:
+    """The values of `module`'s meta tensor `t` (named `name`), read from its accelerate offload map."""
+    for hook in _align_hooks(module):
+        weights = getattr(hook, "weights_map", None)
+        if not getattr(hook, "offload", False) or weights is None:
+            continue
+        try:
+            value = weights[name]
+        except KeyError:
+            continue
+        return value.to(device=hook.execution_device, dtype=t.dtype)
+    raise RuntimeError(
+        f"{type(module).__name__}.{name} is on the meta device and no accelerate offload hook on the module holds "
+        "its values: it was never loaded. Load the model with interp.load(..., device_map=...) (accelerate attaches "
+        "the hooks), or load it without meta-device initialisation."
+    )
+
+
+_READABLE: dict[type, type] = {}
+
+
+def _readable_class(cls: type) -> type:
+    """`cls` with `module.<param>` giving real values outside the forward (same name, a subclass of `cls`)."""
+    if cls not in _READABLE:
+
+        def __getattr__(self, name: str):
+            value = cls.__getattr__(self, name)  # nn.Module's lookup: parameters, buffers, submodules
+            if isinstance(value, Tensor) and value.device.type == "meta" and not _called_by_accelerate():
+                return real_param_from_hook(self, name, value)
+            return value
+
+        _READABLE[cls] = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return _READABLE[cls]
+
+
+def _called_by_accelerate() -> bool:
+    """Whether the attribute read comes from accelerate itself (its hooks move the meta parameters in and out)."""
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("accelerate.")
+
+
+def make_offloaded_weights_readable(model: nn.Module) -> int:
+    """Let code outside the forward read an offloaded module's weights (`module.weight`) as their real values.
+
+    accelerate leaves an offloaded module's parameters on the meta device between forwards, and
+    torch computes on a meta tensor mixed with a real one without an error: `x @ w_meta` returns
+    uninitialised memory. Each offloaded module gets a subclass of its own class (same name) whose
+    parameter reads load the values from the offload map (`real_param`) when they are meta;
+    accelerate's own reads still see the meta tensors. Returns how many modules were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if any(getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None for h in _align_hooks(module)):
+            if type(module) not in _READABLE.values():
+                module.__class__ = _readable_class(type(module))
+                changed += 1
+    return changed
+
+
+def real_state_dict(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for every entry of `model.state_dict()`, sorted by name, offloaded entries read from their offload map."""
+    for name, t in sorted(model.state_dict().items()):
+        if t.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            t = real_param(model.get_submodule(owner), leaf)
+        yield name, t
 
 LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo", "olmo2"}
 SUPPORTED = sorted(LLAMA_LIKE | {"gpt2", "gpt_neox"})
@@ -192,6 +319,7 @@ def build_adapter(model: nn.Module) -> Adapter:
     """Inspect an HF causal LM and return where its parts are. Raises on unsupported families."""
     config = _text_config(model.config)
     family = config.model_type
+    make_offloaded_weights_readable(model)
     if family in LLAMA_LIKE:
         return _llama_like(model, config, family)
     if family == "gpt2":
