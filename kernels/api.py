@@ -66,7 +66,8 @@ def attention(
                   They describe the attention actually used (after temperature / uniform; the
                   gate scales the output only) -- see AttentionStats and kernels/spec.py.
     backend:      "auto" (Triton on CUDA without gradients, else reference), "reference", "triton".
-    block_size:   key block of the reference backend (memory O(q_len * block)); Triton: both tiles.
+    block_size:   query rows per block of the reference backend (memory O(block * k_len); default:
+                  a slab of about 2M scores); Triton: both tiles.
 
     Returns out: Float[Tensor, "batch n_heads q_len d"] in q's dtype, or (out, AttentionStats)
     when stats are asked for. Queries with no allowed key get out = 0.
@@ -91,5 +92,6 @@ def attention(
 
         out, st = triton_attention(p, block_size, block_size)
     else:
-        out, st = reference_attention(p, block=block_size or 256)
+        out, st = reference_attention(p, block=block_size)
+    st.k_len = p.k_len
     return (out, st) if p.stats else out

@@ -1,17 +1,22 @@
-"""PyTorch reference backend: blockwise attention with an online softmax, any device, autograd-able.
+"""PyTorch reference backend: attention in query blocks, one pass, any device, autograd-able.
 
-Memory is O(batch * heads * q_len * block) -- the T x T pattern never exists. Pass 1 walks
-key blocks keeping, per query, the running max m, the running sum l = sum_j exp(s_j - m), the
-running t = sum_j exp(s_j - m) (s_j - m) (for the entropy), the unnormalised output and the
-argmax (Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018; Dao et al.,
-FlashAttention, 2022). Then
+Memory is O(batch * heads * block * k_len) -- the T x T pattern never exists. For a block of
+queries [i0, i1) the backend forms the scores against every key they may see (causal: keys
+< i1 + k_len - q_len, so the work is triangular as in FlashAttention's causal loop), and takes
+the exact softmax of that slab of rows:
 
-    lse = m + log l,  row_max = 1 / l,  row_entropy = log l - t / l,  out = gate * o / l.
+    m = max_j s,  e = exp(s - m),  l = sum_j e,  lse = m + log l,  row_max = 1 / l,
+    row_entropy = log l - sum_j e (s - m) / l,  out = gate * (e V) / l,
+    col_sum[j] += sum_i e[i, j] / l_i          (a matrix-vector product, no normalised copy of e).
 
-col_sum needs normalised probabilities, so pass 2 walks the key blocks again with
-p = exp(s - lse) and sums over queries. Accumulation is fp32 (float64 for float64 inputs).
-GQA: queries are viewed as [batch, kv_head, group, q, d] and broadcast against each KV head,
-so K/V are never repeated in memory. Semantics: kernels/spec.py.
+Each score is computed once, and every statistic comes out of the same pass (Milakov &
+Gimelshein, "Online normalizer calculation for softmax", 2018, for the max-shifted sums; Dao et
+al., FlashAttention, 2022, for the blocking). Queries of the `groups` heads that share a KV head
+are stacked as rows of one matmul against that KV head, so K/V are never repeated in memory.
+`block` = query rows per block; by default as many as keep one slab of scores near
+SLAB_ELEMENTS entries (never fewer than MIN_ROWS). Without gradients the slab is updated in
+place; with them, out of place. Accumulation is fp32 (float64 for float64 inputs). Semantics:
+kernels/spec.py.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from torch import Tensor
 from .spec import AttentionStats, Problem, queries_per_key
 
 NEG_INF = float("-inf")
+SLAB_ELEMENTS = 1 << 21  # scores per query block (all heads) when no block size is given
+MIN_ROWS = 16
 
 
 def _grouped(x: Optional[Tensor], p: Problem) -> Optional[Tensor]:
@@ -31,101 +38,150 @@ def _grouped(x: Optional[Tensor], p: Problem) -> Optional[Tensor]:
     return None if x is None else x.reshape(p.batch, p.n_kv_heads, p.groups, 1, 1)
 
 
-class _Blocks:
-    """Scores of one key block for all queries: [batch, kv_head, group, q_len, block]."""
+def default_rows(p: Problem, budget: Optional[int] = None) -> int:
+    """Query rows per block so that one slab [batch, heads, rows, k_len] has about `budget` entries."""
+    rows = (budget or SLAB_ELEMENTS) // max(1, p.batch * p.n_heads * p.k_len)
+    return max(MIN_ROWS, min(rows, p.q_len, 1024))
 
-    def __init__(self, p: Problem) -> None:
-        self.p = p
+
+def _needs_grad(p: Problem) -> bool:
+    ts = (p.q, p.k, p.v, p.gate, p.temperature)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+class _Slab:
+    """Scores of one query block against its visible keys: [batch, kv_head, group, rows, keys]."""
+
+    def __init__(self, p: Problem, grad: bool) -> None:
+        self.p, self.grad = p, grad
         acc = p.acc_dtype
-        self.q = p.q.to(acc).reshape(p.batch, p.n_kv_heads, p.groups, p.q_len, -1)
+        q = p.q.to(acc).reshape(p.batch, p.n_kv_heads, p.groups, p.q_len, -1)
+        self.q = q if p.softcap is not None else q * p.scale  # scale folded into q unless softcapped
+        self.k = p.k.to(acc)
+        self.v = p.v.to(acc)
         self.temperature = _grouped(p.temperature, p)
         self.uniform = _grouped(p.uniform, p)
-        self.i = torch.arange(p.q_len, device=p.q.device)[:, None] + (p.k_len - p.q_len)
+        self.offset = p.k_len - p.q_len
 
-    def scores(self, j0: int, j1: int) -> Tensor:
-        p = self.p
-        k = p.k[:, :, None, j0:j1].to(self.q.dtype)
-        s = torch.matmul(self.q, k.transpose(-1, -2)) * p.scale
+    def key_end(self, i1: int) -> int:
+        """Keys [0, key_end) may be seen by a query < i1."""
+        return min(self.p.k_len, i1 + self.offset) if self.p.causal else self.p.k_len
+
+    def scores(self, i0: int, i1: int, buf: Optional[Tensor] = None) -> Tensor:
+        """buf: a flat scratch tensor the slab is written into (reused by every block: no
+        allocator churn, whose fragmentation grew the resident memory with slabs of rising width)."""
+        p, n, kend = self.p, i1 - i0, self.key_end(i1)
+        qb = self.q[:, :, :, i0:i1].reshape(p.batch, p.n_kv_heads, p.groups * n, -1)
+        kt = self.k[:, :, :kend].transpose(-1, -2)
+        if buf is None:
+            s = torch.matmul(qb, kt)
+        else:
+            s = torch.matmul(qb, kt, out=buf[: qb.shape[0] * qb.shape[1] * qb.shape[2] * kend].view(*qb.shape[:-1], kend))
+        s = s.view(p.batch, p.n_kv_heads, p.groups, n, kend)
         if p.softcap is not None:
-            s = torch.tanh(s / p.softcap) * p.softcap
+            c = p.scale / p.softcap
+            s = s.mul_(c).tanh_().mul_(p.softcap) if not self.grad else torch.tanh(s * c) * p.softcap
         if self.temperature is not None:
-            s = s / self.temperature
+            s = s.div_(self.temperature) if not self.grad else s / self.temperature
         if self.uniform is not None:
-            s = torch.where(self.uniform, torch.zeros((), dtype=s.dtype, device=s.device), s)
-        allowed = None
-        if p.causal:
-            allowed = torch.arange(j0, j1, device=s.device)[None, :] <= self.i  # [q, block]
+            s = s.masked_fill_(self.uniform, 0.0) if not self.grad else s.masked_fill(self.uniform, 0.0)
+        return self._mask(s, i0, i1, kend)
+
+    def _mask(self, s: Tensor, i0: int, i1: int, kend: int) -> Tensor:
+        p, n = self.p, i1 - i0
+        blocked = None
         if p.mask is not None:
-            m = p.mask[..., j0:j1].reshape(p.batch, p.n_kv_heads, p.groups, p.q_len, j1 - j0)
-            allowed = m if allowed is None else (m & allowed)
-        return s if allowed is None else s.masked_fill(~allowed, NEG_INF)
+            m = p.mask[:, :, i0:i1, :kend].reshape(p.batch, p.n_kv_heads, p.groups, n, kend)
+            blocked = ~m
+        if p.causal:
+            j0 = i0 + self.offset  # keys before j0 are visible to every row of the block
+            i = torch.arange(i0, i1, device=s.device)[:, None] + self.offset
+            tri = torch.arange(j0, kend, device=s.device)[None, :] > i  # [rows, kend - j0]
+            if blocked is not None or self.grad:
+                full = torch.zeros(n, kend, dtype=torch.bool, device=s.device)
+                full[:, j0:] = tri
+                blocked = full if blocked is None else (blocked | full)
+            else:
+                s[..., j0:].masked_fill_(tri, NEG_INF)
+        if blocked is None:
+            return s
+        return s.masked_fill_(blocked, NEG_INF) if not self.grad else s.masked_fill(blocked, NEG_INF)
 
-    def value(self, j0: int, j1: int) -> Tensor:
-        return self.p.v[:, :, None, j0:j1].to(self.q.dtype)
 
-
-def reference_attention(p: Problem, block: int = 256) -> tuple[Tensor, AttentionStats]:
-    """Run the problem blockwise; returns out [batch, n_heads, q_len, d] in q's dtype and the stats asked for."""
-    if block < 1:
+def reference_attention(p: Problem, block: Optional[int] = None) -> tuple[Tensor, AttentionStats]:
+    """Run the problem in query blocks of `block` rows; returns out [batch, n_heads, q_len, d] in q's
+    dtype and the stats asked for."""
+    if block is not None and block < 1:
         raise ValueError(f"block must be positive, got {block}.")
-    blocks = _Blocks(p)
-    acc = p.acc_dtype
-    shape = (p.batch, p.n_kv_heads, p.groups, p.q_len)
-    dev = p.q.device
-    m = torch.full(shape, NEG_INF, dtype=acc, device=dev)
-    l = torch.zeros(shape, dtype=acc, device=dev)
-    t = torch.zeros(shape, dtype=acc, device=dev)
-    o = torch.zeros(*shape, p.q.shape[-1], dtype=acc, device=dev)
-    arg = torch.full(shape, -1, dtype=torch.long, device=dev)
+    rows = block or default_rows(p)
+    grad = _needs_grad(p)
+    slab = _Slab(p, grad)
+    acc, dev = p.acc_dtype, p.q.device
+    shape = (p.batch, p.n_kv_heads, p.groups)
+    col = torch.zeros(*shape, p.k_len, dtype=acc, device=dev) if "col_sum" in p.stats else None
+    entropy = "row_entropy" in p.stats
+    # e @ [V | K]: the output and, for the entropy, sum_j A[i, j] k_j in one matmul
+    vk = torch.cat([slab.v, slab.k], dim=-1) if entropy and p.softcap is None else slab.v
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("out", "lse", "row_max", "row_argmax", "row_entropy")}
+    buf = None if grad else torch.empty(p.batch * p.n_heads * min(rows, p.q_len) * p.k_len, dtype=acc, device=dev)
+    for i0 in range(0, p.q_len, rows):
+        i1 = min(i0 + rows, p.q_len)
+        _block(p, slab, vk, i0, i1, parts, col, buf)
+    return _finish(p, parts, col)
 
-    for j0 in range(0, p.k_len, block):
-        j1 = min(j0 + block, p.k_len)
-        s = blocks.scores(j0, j1)
-        idx = s.argmax(dim=-1)  # first maximum on ties
-        top = s.gather(-1, idx[..., None])[..., 0]
-        m_new = torch.maximum(m, top)
-        # Rows with nothing allowed so far keep m = -inf; shift them by 0 so no inf - inf appears.
-        shift = m_new.masked_fill(m_new == NEG_INF, 0.0)
-        rescale = torch.exp(m - shift)
-        x = (s - shift[..., None]).masked_fill(s == NEG_INF, 0.0)  # s - m, 0 where masked
-        e = torch.exp(s - shift[..., None])
-        delta = (m - shift).masked_fill(m == NEG_INF, 0.0)  # moves t from the old max to the new one
-        t = rescale * (t + delta * l) + (e * x).sum(-1)
-        l = rescale * l + e.sum(-1)
-        o = rescale[..., None] * o + torch.matmul(e, blocks.value(j0, j1))
-        arg = torch.where(top > m, idx + j0, arg)  # strictly greater: the earlier block wins ties
-        m = m_new
 
-    has = l > 0
-    l_safe = torch.where(has, l, torch.ones((), dtype=acc, device=dev))
-    out = torch.where(has[..., None], o / l_safe[..., None], torch.zeros((), dtype=acc, device=dev))
+def _block(p: Problem, slab: _Slab, vk: Tensor, i0: int, i1: int, parts: dict[str, list[Tensor]], col: Optional[Tensor],
+           buf: Optional[Tensor] = None) -> None:
+    """One query block: exact softmax of its score slab, then every statistic from the probabilities."""
+    acc, dev, n, kend, d = p.acc_dtype, p.q.device, i1 - i0, slab.key_end(i1), p.q.shape[-1]
+    zero = torch.zeros((), dtype=acc, device=dev)
+    s = slab.scores(i0, i1, buf)  # [b, kv, g, n, kend]
+    top = s.amax(dim=-1)
+    has = top > NEG_INF
+    entropy_by_slab = "row_entropy" in p.stats and p.softcap is not None
+    if slab.grad or entropy_by_slab:
+        a = torch.softmax(s, dim=-1)
+    else:
+        a = torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place: s is not needed again
+    if not bool(has.all()):  # rows with no allowed key: softmax gives NaN, the spec gives 0
+        a = a.masked_fill(~has[..., None], 0.0) if slab.grad else a.masked_fill_(~has[..., None], 0.0)
+    if "row_argmax" in p.stats:
+        row_max, idx = a.max(dim=-1)  # first maximum on ties
+        parts["row_argmax"].append(torch.where(has, idx, torch.full((), -1, dtype=idx.dtype, device=dev)))
+    else:
+        row_max = a.amax(dim=-1)  # = exp(m - m) / l = 1 / l; 0 on empty rows
+    lse = torch.where(has, top - torch.log(torch.where(has, row_max, 1.0)), torch.full((), NEG_INF, dtype=acc, device=dev))
+    av = torch.matmul(a.view(p.batch, p.n_kv_heads, p.groups * n, kend), vk[:, :, :kend]).view(*a.shape[:-1], -1)
+    parts["out"].append(av[..., :d])
+    if "row_entropy" in p.stats:  # -sum_j A log A = lse - sum_j A[i, j] s[i, j]
+        if entropy_by_slab:
+            mean_s = torch.where(a > 0, a * s, zero).sum(-1)
+        else:
+            mean_s = (av[..., d:] * slab.q[:, :, :, i0:i1]).sum(-1)  # q . (sum_j A k_j) = sum_j A s (scale in q)
+            if slab.temperature is not None:
+                mean_s = mean_s / slab.temperature[..., 0]
+            if slab.uniform is not None:
+                mean_s = mean_s.masked_fill(slab.uniform[..., 0], 0.0)
+        parts["row_entropy"].append(torch.where(has, lse - mean_s, zero))
+    if col is not None:
+        ones = torch.ones(n, dtype=acc, device=dev)
+        col[..., :kend] += torch.matmul(ones, a)  # sum over the block's queries, as a matrix-vector product
+    parts["lse"].append(lse)
+    parts["row_max"].append(row_max)
+
+
+def _finish(p: Problem, parts: dict[str, list[Tensor]], col: Optional[Tensor]) -> tuple[Tensor, AttentionStats]:
+    """Concatenate the query blocks, apply the gate, fill the statistics record."""
+    out = torch.cat(parts["out"], dim=3)
     if p.gate is not None:
         out = out * _grouped(p.gate, p)
     out = out.reshape(p.batch, p.n_heads, p.q_len, -1).to(p.q.dtype)
-
     flat = (p.batch, p.n_heads, p.q_len)
-    lse = torch.where(has, m + torch.log(l_safe), torch.full((), NEG_INF, dtype=acc, device=dev))
     stats = AttentionStats()
-    if "lse" in p.stats:
-        stats.lse = lse.reshape(flat)
-    if "row_max" in p.stats:
-        stats.row_max = torch.where(has, 1.0 / l_safe, torch.zeros((), dtype=acc, device=dev)).reshape(flat)
-    if "row_argmax" in p.stats:
-        stats.row_argmax = arg.reshape(flat)
-    if "row_entropy" in p.stats:
-        ent = torch.where(has, torch.log(l_safe) - t / l_safe, torch.zeros((), dtype=acc, device=dev))
-        stats.row_entropy = ent.reshape(flat)
-    if "col_sum" in p.stats:
-        stats.col_sum = _column_sums(p, blocks, lse.masked_fill(~has, 0.0), block)
+    for name in ("lse", "row_max", "row_argmax", "row_entropy"):
+        if name in p.stats:
+            setattr(stats, name, torch.cat(parts[name], dim=3).reshape(flat))
+    if col is not None:
+        stats.col_sum = col.reshape(p.batch, p.n_heads, p.k_len)
         stats.n_queries = queries_per_key(p)
     return out, stats
-
-
-def _column_sums(p: Problem, blocks: _Blocks, lse: Tensor, block: int) -> Tensor:
-    """Pass 2: sum over queries of exp(s - lse) per key block -> [batch, n_heads, k_len]."""
-    cols = []
-    for j0 in range(0, p.k_len, block):
-        j1 = min(j0 + block, p.k_len)
-        prob = torch.exp(blocks.scores(j0, j1) - lse[..., None])  # masked keys: exp(-inf) = 0
-        cols.append(prob.sum(dim=-2))
-    return torch.cat(cols, dim=-1).reshape(p.batch, p.n_heads, p.k_len)

@@ -54,6 +54,8 @@ class AttentionStats:
     row_entropy: Float[Tensor, "batch head q_len"]  -sum_j A[i, j] log A[i, j], in nats
     lse:         Float[Tensor, "batch head q_len"]  log sum_j exp s[i, j] over the allowed j
     n_queries:   Long[Tensor, "batch head k_len"]   number of queries allowed to see key k (filled with col_sum)
+    k_len:       int, the number of keys of the call (when decoding: the KV cache's length, which on a
+                 sliding-window layer may be shorter than the sequence); set by every call
 
     Floats are float32 (float64 for float64 inputs). Fields not requested are None.
     """
@@ -64,6 +66,7 @@ class AttentionStats:
     row_entropy: Optional[Tensor] = None
     lse: Optional[Tensor] = None
     n_queries: Optional[Tensor] = None
+    k_len: Optional[int] = None
 
     def alpha(self) -> Tensor:
         """Gu et al.'s sink score alpha(k) = mean over the queries i >= k of A[i, k]: [batch, head, k_len].
@@ -79,7 +82,8 @@ class AttentionStats:
         return sink_alpha(self.col_sum, self.n_queries)
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The tensors computed (k_len, an int, is left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
 
 @dataclass

@@ -90,7 +90,8 @@ class Decoded:
 
 
 class ArgmaxSource(Protocol):
-    """What `greedy_decode` enters around the decode steps (e.g. `retrieval.PatternHookArgmax`)."""
+    """What `greedy_decode` enters around the decode steps (`retrieval.KernelArgmax`, the default of
+    `score_retrieval`, or `retrieval.PatternHookArgmax`, the eager oracle)."""
 
     def __enter__(self) -> object: ...
 
@@ -107,9 +108,10 @@ def greedy_decode(
 ) -> Decoded:
     """Prefill `input_ids[:, :-1]` (no pattern hooks: SDPA, no T x T), then decode step by step.
 
-    input_ids: Long[batch, pos] without padding. `argmax_source` (e.g. `PatternHookArgmax(model)`)
-    is entered only around the decode steps, so only single query rows [b, head, 1, k] are ever
-    formed; its `read(n_keys)` gives Long[batch, layer, head] absolute key positions after each step.
+    input_ids: Long[batch, pos] without padding. `argmax_source` (e.g. `KernelArgmax(model)`, which
+    streams each row's argmax through `interp.kernels`, or `PatternHookArgmax(model)`, which reads
+    single eager rows [b, head, 1, k]) is entered only around the decode steps; its
+    `read(n_keys)` gives Long[batch, layer, head] absolute key positions after each step.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, pos] with pos >= 2, got shape {tuple(input_ids.shape)}")

@@ -16,11 +16,14 @@ Choices, following their code:
 - Steps count up to and including the first newline/EOS token, within `max_new_tokens`.
 - Query heads (GQA: every query head gets its own score).
 
-Memory: the prompt is prefilled with SDPA and no pattern hook; the argmax source is attached
-only for the decode steps, where a layer's eager path forms one [batch, head, 1, k] row. The
-argmax source is swappable: anything with `__enter__`/`__exit__` and `read(n_keys) -> Long[batch,
-layer, head]` of absolute key positions (e.g. a kernel that reduces the row to its argmax) can
-replace `PatternHookArgmax`.
+Memory: the prompt is prefilled with SDPA and no pattern hook (no statistic is needed there);
+the argmax source is attached only for the decode steps. By default (`backend="kernel"`) it is
+`KernelArgmax`: every layer's decode-step attention runs through `interp.kernels` with
+`stats=("row_argmax",)`, which reduces the query row to its top-1 key without forming it (the
+PyTorch reference backend on CPU, Triton on CUDA). `backend="eager"` uses `PatternHookArgmax`,
+a read hook on the eager pattern (one [batch, head, 1, k] row per layer), the tests' oracle. The
+source is swappable: anything with `__enter__`/`__exit__` and `read(n_keys) -> Long[batch, layer,
+head]` of absolute key positions.
 
 Causal check (their `needle_in_haystack_with_mask.py`): mask the top-k retrieval heads by
 zeroing their queries (uniform attention) and compare NIAH accuracy with masking k random
@@ -41,6 +44,7 @@ from ..data.haystack import Haystack
 from ..hook_points import HookPoint
 from ..hooks import HookedModel
 from .niah import ArgmaxSource, run_niah
+from .reducers import _KERNEL_BACKEND, check_engine, kernel_controls_with_stats, pattern_hooked
 
 THRESHOLD = 0.1
 
@@ -56,6 +60,7 @@ class PatternHookArgmax:
         self.model = model
         self.names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
         self._rows: list[Optional[Tensor]] = [None] * model.cfg.n_layers
+        self._fn = self._hook  # one bound method: remove_hook matches by identity
 
     def _hook(self, pattern: Tensor, hook: HookPoint) -> None:
         # pattern: [batch, head, q, k]; torch.argmax returns the first maximum on ties. Stored as
@@ -65,12 +70,12 @@ class PatternHookArgmax:
 
     def __enter__(self) -> "PatternHookArgmax":
         for n in self.names:
-            self.model.add_hook(n, self._hook, "fwd", edits=False)
+            self.model.add_hook(n, self._fn, "fwd", edits=False)
         return self
 
     def __exit__(self, *exc: object) -> bool:
         for n in self.names:
-            self.model.remove_hook(n, self._hook)
+            self.model.remove_hook(n, self._fn)
         return False
 
     def read(self, n_keys: int) -> Tensor:
@@ -81,6 +86,66 @@ class PatternHookArgmax:
         out = (n_keys - 1) - torch.stack(self._rows, 1)
         self._rows = [None] * len(self._rows)
         return out
+
+
+class KernelArgmax:
+    """Argmax source: each layer's attention through `interp.kernels` with `stats=("row_argmax",)`.
+
+    Inside `with`, each forward leaves Long[batch, layer, head] = top-1 key (first on ties) of the
+    last query row, from the kernel's statistics (no row of the pattern is formed). Gates or
+    uniform heads already set on a layer (`HookedModel.kernel_controls`) stay in force. When a hook
+    on the pattern or the scores is attached at entry, those layers run eager attention anyway:
+    the source then reads the pattern (`PatternHookArgmax`), so an edited pattern is what counts.
+    backend: "kernel" (Triton on CUDA, the reference elsewhere), "reference" or "triton".
+    """
+
+    def __init__(self, model: HookedModel, backend: str = "kernel", block_size: Optional[int] = None):
+        if check_engine(backend) == "eager":
+            raise ValueError("KernelArgmax runs the kernel; for the eager path use PatternHookArgmax(model).")
+        self.model, self.backend, self.block_size = model, _KERNEL_BACKEND[backend], block_size
+        self._rows: list[Optional[Tensor]] = [None] * model.cfg.n_layers
+        self._ctx: Optional[object] = None
+        self._fallback: Optional[PatternHookArgmax] = None
+
+    def _keep(self, layer: int, st: object) -> None:
+        # row_argmax: [batch, head, q]; stored as distance back from the last key (sliding-window
+        # layers cache only the last `window` keys: st.k_len is what this call saw).
+        self._rows[layer] = st.k_len - 1 - st.row_argmax[:, :, -1]
+
+    def __enter__(self) -> "KernelArgmax":
+        layers = range(self.model.cfg.n_layers)
+        if pattern_hooked(self.model, layers):
+            self._fallback = PatternHookArgmax(self.model).__enter__()
+            return self
+        controls = kernel_controls_with_stats(self.model, layers, ("row_argmax",), self._keep, self.backend, self.block_size)
+        self._ctx = self.model.kernel_controls(controls)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        if self._fallback is not None:
+            self._fallback.__exit__(*exc)
+            self._fallback = None
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)
+        return False
+
+    def read(self, n_keys: int) -> Tensor:
+        """Long[batch, layer, head] absolute key positions from the last forward, whose query was
+        the last of `n_keys` positions (prompt + tokens so far); clears the record."""
+        if self._fallback is not None:
+            return self._fallback.read(n_keys)
+        if any(r is None for r in self._rows):
+            raise RuntimeError("the kernel did not run at some layer during the last forward")
+        out = (n_keys - 1) - torch.stack(self._rows, 1)
+        self._rows = [None] * len(self._rows)
+        return out
+
+
+def make_argmax_source(model: HookedModel, backend: str = "kernel") -> ArgmaxSource:
+    """The argmax source of an engine: `KernelArgmax` ("kernel", "reference", "triton") or `PatternHookArgmax` ("eager")."""
+    return PatternHookArgmax(model) if check_engine(backend) == "eager" else KernelArgmax(model, backend)
 
 
 def copy_event_scores(argmax: Tensor, generated: Sequence[int], prompt_ids: Sequence[int], span: tuple[int, int]) -> Tensor:
@@ -134,9 +199,14 @@ def score_retrieval(
     max_new_tokens: int = 8,
     argmax_source: Optional[ArgmaxSource] = None,
     batch_size: int = 4,
+    backend: str = "kernel",
 ) -> RetrievalResult:
-    """Wu et al.'s retrieval score of every query head over NIAH `samples` (see module docstring)."""
-    source = argmax_source if argmax_source is not None else PatternHookArgmax(model)
+    """Wu et al.'s retrieval score of every query head over NIAH `samples` (see module docstring).
+
+    The top-1 keys come from `argmax_source`, by default `make_argmax_source(model, backend)`: the
+    kernel's row_argmax ("kernel") or the eager pattern ("eager").
+    """
+    source = argmax_source if argmax_source is not None else make_argmax_source(model, backend)
     results, records = run_niah(model, samples, max_new_tokens, source, batch_size)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     per_sample = torch.zeros(len(samples), L, H, dtype=torch.float64)

@@ -23,7 +23,14 @@ Definitions (docs/metrics.md):
   |h[t, d]| of a layer's residual stream against the median |h|; "massive" when it is > 100 and
   > 1000x the median.
 
-Patterns are reduced inside the forward (`interp.heads.reducers`); no T x T pattern is kept.
+- Attention entropy per head (a sink head's attention is concentrated: low entropy):
+  H^{l,h}(i) = -sum_k A^{l,h}[i, k] log A^{l,h}[i, k] in nats, per query i.
+
+Engine (`interp.heads.reducers`): by default every statistic is streamed by `interp.kernels`
+(`stats=`, O(T x block) memory, the PyTorch reference backend on CPU, Triton on CUDA), so no
+T x T pattern is ever formed and the analyses run at 32K tokens; `backend="eager"` reduces the
+eager pattern inside each layer instead (the oracle of the tests; it forms one layer's
+[batch, head, T, T] pattern at a time).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from torch import Tensor
 
 from ..hooks import HookedModel
 from ..kernels.spec import sink_alpha
-from .reducers import ColSumSource, collect_col_sums, reduce_per_layer
+from .reducers import ColSumSource, check_engine, collect_attention_stats, collect_col_sums, reduce_per_layer
 
 EPS = 0.3
 SECONDARY_THRESHOLD = 0.1
@@ -78,10 +85,51 @@ def alpha_from_col_sums(col_sums: Tensor) -> Tensor:
     return sink_alpha(col_sums.double())
 
 
-def attention_alpha(model: HookedModel, tokens: Tensor, source: ColSumSource = collect_col_sums, batch_size: int = 8) -> Tensor:
-    """alpha_h^l(k) per prompt: Float[Tensor, "batch layer head pos"] (float64), prompts run `batch_size` at a time."""
+def attention_alpha(model: HookedModel, tokens: Tensor, source: Optional[ColSumSource] = None, batch_size: int = 8,
+                    backend: str = "kernel") -> Tensor:
+    """alpha_h^l(k) per prompt: Float[Tensor, "batch layer head pos"] (float64), prompts run `batch_size` at a time.
+
+    Column sums from `source`, by default `collect_col_sums` with `backend` ("kernel" or "eager").
+    """
+    check_engine(backend)
+    if source is None:
+        def source(m: HookedModel, t: Tensor) -> Tensor:
+            return collect_col_sums(m, t, backend=backend)
     parts = [source(model, tokens[i : i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
     return alpha_from_col_sums(torch.cat(parts))
+
+
+def sink_and_entropy(model: HookedModel, tokens: Tensor, batch_size: int = 8, backend: str = "kernel") -> tuple[Tensor, Tensor]:
+    """alpha_h^l(k) and the attention entropy H^{l,h}(i) from one forward per batch.
+
+    Returns (alpha: Float64[batch, layer, head, key], entropy: Float64[batch, layer, head, query], nats).
+    """
+    alphas, ents = [], []
+    for i in range(0, tokens.shape[0], batch_size):
+        st = collect_attention_stats(model, tokens[i : i + batch_size], ("col_sum", "row_entropy"), backend=backend)
+        alphas.append(alpha_from_col_sums(st["col_sum"]))
+        ents.append(st["row_entropy"].double())
+    return torch.cat(alphas), torch.cat(ents)
+
+
+def attention_entropy(model: HookedModel, tokens: Tensor, batch_size: int = 8, backend: str = "kernel") -> Tensor:
+    """Per-query attention entropy -sum_k A[i, k] log A[i, k]: Float64[batch, layer, head, query], nats."""
+    parts = [collect_attention_stats(model, tokens[i : i + batch_size], ("row_entropy",), backend=backend)["row_entropy"]
+             for i in range(0, tokens.shape[0], batch_size)]
+    return torch.cat(parts).double()
+
+
+def entropy_scores(entropy: Tensor, skip_first: int = 1) -> pd.DataFrame:
+    """One row per (layer, head) from entropy [batch, layer, head, T]: mean_entropy (nats, mean over
+    prompts and the queries after the first `skip_first`, whose entropy is 0 by causality) and
+    normalised_entropy (each query's entropy / log(number of keys it sees), then the mean)."""
+    b, L, H, T = entropy.shape
+    e = entropy[..., skip_first:]
+    n_keys = torch.arange(skip_first + 1, T + 1, dtype=torch.float64)
+    norm = e / torch.log(n_keys).clamp(min=1e-12)
+    mean, nmean = e.mean((0, 3)), norm.mean((0, 3))
+    return pd.DataFrame([{"layer": l, "head": h, "mean_entropy": float(mean[l, h]), "normalised_entropy": float(nmean[l, h])}
+                         for l in range(L) for h in range(H)])
 
 
 def sink_rate(alpha: Tensor, k: int = 0, eps: float = EPS) -> float:
@@ -119,9 +167,9 @@ def sink_scores(alpha: Tensor, eps: float = EPS, threshold: float = SECONDARY_TH
 
 
 def sink_table(model: HookedModel, prompts: Union[Tensor, Sequence[str]], length: int = SINK_LENGTH, eps: float = EPS,
-               source: ColSumSource = collect_col_sums) -> pd.DataFrame:
+               source: Optional[ColSumSource] = None, backend: str = "kernel") -> pd.DataFrame:
     """`sink_scores` on `prompts` truncated to `length` tokens (the head-table entry point)."""
-    return sink_scores(attention_alpha(model, sink_tokens(model, prompts, length), source), eps)
+    return sink_scores(attention_alpha(model, sink_tokens(model, prompts, length), source, backend=backend), eps)
 
 
 def secondary_sinks(
@@ -202,8 +250,8 @@ def extreme_tokens(model: HookedModel, tokens: Tensor, sink_pos: int = 0) -> pd.
     prompt), median_abs, massive_ratio (max_abs / median_abs), massive (Sun et al.: > 100 and > 1000x),
     v_norm_ratio (sink / median value norm, mean over KV heads and prompts).
     """
-    s = reduce_per_layer(model, tokens, "hook_resid_post", lambda h: _resid_stats(h, sink_pos))  # [L, b, 6]
-    v = reduce_per_layer(model, tokens, "attn.hook_v", lambda x: _v_stats(x, sink_pos))  # [L, b, 2, kv]
+    s = reduce_per_layer(model, tokens, "hook_resid_post", lambda h: _resid_stats(h, sink_pos), logits_to_keep=1)  # [L, b, 6]
+    v = reduce_per_layer(model, tokens, "attn.hook_v", lambda x: _v_stats(x, sink_pos), logits_to_keep=1)  # [L, b, 2, kv]
     ratio = s[..., 2] / s[..., 5]
     df = pd.DataFrame(
         {
@@ -229,21 +277,34 @@ def first_massive_layer(extreme: pd.DataFrame) -> Optional[int]:
     return int(hits.iloc[0]) if len(hits) else None
 
 
-def value_drain(model: HookedModel, tokens: Tensor, sink_pos: int = 0) -> pd.DataFrame:
-    """Value-state drain per (layer, head): the value norm of the sink token against the median token.
+def value_drain(model: HookedModel, tokens: Tensor, sink_pos: int = 0, backend: str = "kernel") -> pd.DataFrame:
+    """Value-state drain per (layer, head): the value norm of the sink token against the median token,
+    next to the attention the head parks on it.
 
     Values live on key/value heads; each query head gets the numbers of its KV head (column kv_head),
-    so the 3 query heads of a SmolLM2 group share one value. Averaged over prompts.
+    so the 3 query heads of a SmolLM2 group share one value. Columns v_norm_sink, v_norm_median,
+    v_norm_ratio (sink / median, mean over prompts) and alpha_sink (Gu et al.'s alpha at `sink_pos`,
+    mean over prompts). One forward: values read at `attn.hook_v`, alpha from the column sums of
+    `backend` ("kernel" streams them with `interp.kernels`, "eager" reduces the pattern).
     """
-    v = reduce_per_layer(model, tokens, "attn.hook_v", lambda x: _v_stats(x, sink_pos))  # [L, b, 2, kv]
     c = model.cfg
+    vals: dict[int, Tensor] = {}
+
+    def keep_v(x: Tensor, hook) -> None:
+        vals[hook.layer()] = _v_stats(x, sink_pos)  # [b, 2, kv]
+
+    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_v", keep_v) for l in range(c.n_layers)]):
+        col = collect_attention_stats(model, tokens, ("col_sum",), backend=backend)["col_sum"]
+    alpha = alpha_from_col_sums(col)[..., sink_pos].mean(0)  # [layer, head]
+    v = torch.stack([vals[l] for l in range(c.n_layers)])  # [L, b, 2, kv]
     rows = []
     for l in range(c.n_layers):
         for h in range(c.n_heads):
             kv = h // c.n_groups
             sink, med = v[l, :, 0, kv], v[l, :, 1, kv]
             rows.append({"layer": l, "head": h, "kv_head": kv, "v_norm_sink": float(sink.mean()),
-                         "v_norm_median": float(med.mean()), "v_norm_ratio": float((sink / med).mean())})
+                         "v_norm_median": float(med.mean()), "v_norm_ratio": float((sink / med).mean()),
+                         "alpha_sink": float(alpha[l, h])})
     return pd.DataFrame(rows)
 
 
@@ -253,19 +314,20 @@ def domain_sinks(
     prompts: Optional[dict[str, Sequence[str]]] = None,
     length: int = SINK_LENGTH,
     eps: float = EPS,
-    source: ColSumSource = collect_col_sums,
+    source: Optional[ColSumSource] = None,
+    backend: str = "kernel",
 ) -> pd.DataFrame:
     """First-token attention mass per head and input domain (Guo et al.'s active-dormant heads).
 
     One row per (layer, head): `sink_<domain>` = alpha at the first token, mean over that domain's
     prompts; `dormant_<domain>` = sink_<domain> > eps (the head parks its attention on the sink);
     `active_dormant` = dormant in some domains and active in others; `sink_spread` = max - min over
-    domains. `prompts` defaults to the bundled set (`load_domain_prompts`).
+    domains. `prompts` defaults to the bundled set (`load_domain_prompts`). `backend`: see `attention_alpha`.
     """
     prompts = load_domain_prompts() if prompts is None else prompts
     df = None
     for domain, texts in prompts.items():
-        alpha = attention_alpha(model, sink_tokens(model, texts, length), source)
+        alpha = attention_alpha(model, sink_tokens(model, texts, length), source, backend=backend)
         first = alpha[..., 0].mean(0)  # [L, H]
         part = pd.DataFrame(
             [{"layer": l, "head": h, f"sink_{domain}": float(first[l, h])} for l in range(first.shape[0]) for h in range(first.shape[1])]
