@@ -1,4 +1,4 @@
-"""Forward-pass overhead of the hook layer on SmolLM2-135M, against bare HF and TransformerLens.
+"""Forward-pass overhead of the hook layer on a bundled model, against bare HF and TransformerLens.
 
 What it measures: wall-clock time of one forward pass over a batch of random token ids
 (fixed seed; default 8 x 256), float32, under torch.no_grad, for
@@ -10,18 +10,24 @@ What it measures: wall-clock time of one forward pass over a batch of random tok
   (d) cache, no pattern the same set less hook_pattern / hook_attn_scores (attention stays SDPA)
   (e) TL bridge        TransformerLens's TransformerBridge.run_with_cache (caches everything)
 
+The model is a bundled name (--model, default smollm2-135m); bare HF and the bridge load its
+converted checkpoint (interp.models.bundled.bundled_checkpoint).
+
 Each variant runs once to warm up, then the variants are interleaved round-robin for --reps
 rounds, so drift in machine load hits all of them alike. Reported: median seconds and the ratio
 to (a) from this same run (the minimum too, as a hint of how noisy the machine was), and the
 median kernel CPU time per call: caching gigabytes touches fresh memory, and the page faults land
 on whichever variant grows the process's heap past what the allocator kept from the one before
 (on a VM they are expensive), so a large kernel time means part of that variant's time is the
-allocator's, not compute. The script also checks that (b)'s logits equal (a)'s exactly.
+allocator's, not compute. It also reports the median CPU seconds (user + kernel, all threads) and
+their ratio to (a): on a machine shared with other jobs the wall clock includes waiting for a core,
+the CPU time does not. The script also checks that (b)'s logits equal (a)'s exactly.
 
 The bridge's cache is estimated first from a one-row run; if the full batch would not fit in
 --mem-budget-gib, the bridge runs at the largest batch that does, and the table says so.
 
-    python benchmarks/hook_overhead.py [--batch 8] [--seq 256] [--reps 5] [--device cpu|cuda]
+    python benchmarks/hook_overhead.py [--model smollm2-135m] [--batch 8] [--seq 256] [--reps 5] [--device cpu|cuda]
+        [--threads N]
 
 Results are printed and appended, dated, to benchmarks/RESULTS.md (--no-record to skip).
 """
@@ -46,7 +52,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import interp
-from interp.models.bundled import bundled_gguf, convert_gguf
+from interp.models.bundled import bundled_checkpoint
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 NO_PATTERN = ("hook_pattern", "hook_attn_scores")
@@ -85,13 +91,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
-    """Wall seconds, kernel CPU seconds (mostly first-touch page faults of fresh memory), output."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
+    """Wall seconds, kernel CPU seconds (mostly first-touch page faults of fresh memory), CPU seconds
+    (user + kernel, all of the process's threads), output."""
     sync(device)
-    sys0, start = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
+    r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0, out
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return time.perf_counter() - start, r1.ru_stime - r0.ru_stime, cpu, out
 
 
 def logits_of(out) -> torch.Tensor:
@@ -134,41 +143,48 @@ def record(args, device: torch.device, rows: list[dict], checks: list[str], verd
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "
         f"transformer-lens {version('transformer-lens')}, interp {interp.__version__}",
         f"- interp at commit {git_state()}",
+        f"- model: {args.model} (bundled, converted checkpoint), float32",
         f"- input: batch {args.batch} x seq {args.seq} random token ids (seed {args.seed}), float32, no_grad",
         f"- {args.reps} interleaved repetitions after one warm-up each; median seconds; ratio to (a) of this run",
         f"- load average (1 min) at start / end: {args.load_start:.2f} / {os.getloadavg()[0]:.2f} (2 cores)",
         f"- peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB",
         "",
-        "| variant | median s | ratio to bare HF | min s | kernel CPU s | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| variant | median s | ratio to bare HF | min s | kernel CPU s | CPU s | CPU ratio | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sec = f"{r['median']:.3f}" if r["median"] is not None else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         low = f"{r['min']:.3f}" if r["min"] is not None else "-"
         ksec = f"{r['sys']:.2f}" if r["sys"] is not None else "-"
-        lines.append(f"| {r['name']} | {sec} | {ratio} | {low} | {ksec} | {r['note']} |")
+        csec = f"{r['cpu']:.2f}" if r.get("cpu") is not None else "-"
+        cratio = f"{r['cpu_ratio']:.3f}" if r.get("cpu_ratio") is not None else "-"
+        lines.append(f"| {r['name']} | {sec} | {ratio} | {low} | {ksec} | {csec} | {cratio} | {r['note']} |")
     lines += ["", *[f"- {c}" for c in checks], "", "Targets (from the issue):", "", *[f"- {v}" for v in verdicts], ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name (interp.models.bundled.BUNDLED)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's own default)")
     p.add_argument("--mem-budget-gib", type=float, default=10.0, help="largest bridge cache allowed")
     p.add_argument("--no-record", action="store_true", help="print only; don't append to RESULTS.md")
     args = p.parse_args()
     args.load_start = os.getloadavg()[0]
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    directory = convert_gguf(bundled_gguf("smollm2-135m"))  # converts once, then returns the cached directory
+    directory = bundled_checkpoint(args.model)  # converts once, then returns the cached directory
     bare = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
-    model = interp.load("smollm2-135m", device=device)
+    model = interp.load(args.model, device=device)
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, bare.config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
     everything = model.resolve_names(None)
@@ -232,34 +248,43 @@ def main() -> None:
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     kernel: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(args.reps):
         for name, fn in variants.items():
-            seconds, sys_seconds, out = timed(fn, device)
+            seconds, sys_seconds, cpu_seconds, out = timed(fn, device)
             del out
             gc.collect()
             times[name].append(seconds)
             kernel[name].append(sys_seconds)
-            print(f"rep {rep + 1}/{args.reps}  {name:<40} {seconds:8.3f} s  (kernel {sys_seconds:.2f} s)", flush=True)
+            cpu[name].append(cpu_seconds)
+            print(f"rep {rep + 1}/{args.reps}  {name:<40} {seconds:8.3f} s  (kernel {sys_seconds:.2f} s, CPU {cpu_seconds:.2f} s)",
+                  flush=True)
 
     base = statistics.median(times["(a) bare HF"])
+    base_cpu = statistics.median(cpu["(a) bare HF"])
     rows = []
     for name in [*variants, *failed]:
         med = statistics.median(times[name]) if name in times else None
         comparable = med is not None and name not in smaller_batch
         low = min(times[name]) if name in times else None
         sys_med = statistics.median(kernel[name]) if name in kernel else None
-        rows.append(dict(name=name, median=med, ratio=med / base if comparable else None, min=low, sys=sys_med,
+        cpu_med = statistics.median(cpu[name]) if name in cpu else None
+        rows.append(dict(name=name, median=med, ratio=med / base if comparable else None, min=low, sys=sys_med, cpu=cpu_med,
+                         cpu_ratio=cpu_med / base_cpu if comparable else None,
                          note=failed.get(name, notes.get(name, ""))))
-    print(f"\n{'variant':<42} {'median s':>9} {'ratio':>7} {'min s':>8} {'kernel s':>9}")
+    print(f"\n{'variant':<42} {'median s':>9} {'ratio':>7} {'min s':>8} {'kernel s':>9} {'CPU s':>7} {'CPU ratio':>9}")
     for r in rows:
         sec = f"{r['median']:.3f}" if r["median"] is not None else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         low = f"{r['min']:.3f}" if r["min"] is not None else "-"
         ksec = f"{r['sys']:.2f}" if r["sys"] is not None else "-"
-        print(f"{r['name']:<42} {sec:>9} {ratio:>7} {low:>8} {ksec:>9}  {r['note']}")
+        csec = f"{r['cpu']:.2f}" if r["cpu"] is not None else "-"
+        cratio = f"{r['cpu_ratio']:.3f}" if r["cpu_ratio"] is not None else "-"
+        print(f"{r['name']:<42} {sec:>9} {ratio:>7} {low:>8} {ksec:>9} {csec:>7} {cratio:>9}  {r['note']}")
 
     ratio = {r["name"][:3]: r["ratio"] for r in rows}
     med = {r["name"][:3]: r["median"] for r in rows}
+    cpu_ratio = {r["name"][:3]: r["cpu_ratio"] for r in rows}
     verdicts = [
         f"no-hook overhead < 5%: (b)/(a) = {ratio['(b)']:.3f} -> {'met' if ratio['(b)'] < TARGET_NO_HOOKS else 'NOT met'}",
         f"full run_with_cache < {TARGET_FULL_CACHE}x bare forward: (c)/(a) = {ratio['(c)']:.3f} -> "
@@ -270,6 +295,11 @@ def main() -> None:
                         f"{'met' if med['(c)'] < med['(e)'] else 'NOT met'}")
     else:
         verdicts.append("full run_with_cache faster than the bridge's: not assessed (the bridge did not run at this batch)")
+    # On a shared machine the wall clock includes time spent waiting for a core; the process's CPU
+    # time does not. Both are from this run, the wall clock first (the targets' own measure).
+    cpu_verdicts = [f"on CPU time: (b)/(a) = {cpu_ratio['(b)']:.3f}, (c)/(a) = {cpu_ratio['(c)']:.3f}"
+                    + (f", (e)/(a) = {cpu_ratio['(e)']:.3f}" if cpu_ratio.get("(e)") is not None else "")]
+    verdicts += cpu_verdicts
     print()
     for v in verdicts:
         print(v)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from .store import CacheStore
 # HeadJobSettings' messages start with the field name; `interp heads` shows its flag instead.
 HEAD_FLAGS = {"analyses": "--analyses", "n_prompts": "--prompts", "length": "--length", "ablation": "--ablation",
-              "niah_lengths": "--niah-lengths", "niah_depths": "--niah-depths", "niah_per_cell": "--niah-per-cell"}
+              "niah_lengths": "--niah-lengths", "niah_depths": "--niah-depths", "niah_per_cell": "--niah-per-cell",
+              "max_tokens": "--max-tokens"}
 
 
 class UsageError(Exception):
@@ -268,13 +269,16 @@ def _head_settings(args: argparse.Namespace) -> "HeadJobSettings":
     """The job's settings from the flags; HeadJobSettings' own checks, reported with the flag names."""
     from .heads.table import HeadJobSettings
 
-    lengths = _numbers(args.niah_lengths, int, "--niah-lengths", "haystack lengths in tokens, e.g. 1024,2048")
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens {args.max_tokens}: give a token count (e.g. 32768), or leave it out")
+    niah = args.niah_lengths or (str(args.max_tokens) if args.max_tokens else "1024")
+    lengths = _numbers(niah, int, "--niah-lengths", "haystack lengths in tokens, e.g. 1024,2048")
     depths = _numbers(args.niah_depths, float, "--niah-depths", "needle depths in [0, 1], e.g. 0,0.5,1")
     try:
         return HeadJobSettings(
             analyses=tuple(a.strip() for a in args.analyses.split(",") if a.strip()),
             n_prompts=args.prompts, length=args.length, ablation=args.ablation,
-            niah_lengths=lengths, niah_depths=depths, niah_per_cell=args.niah_per_cell,
+            niah_lengths=lengths, niah_depths=depths, niah_per_cell=args.niah_per_cell, max_tokens=args.max_tokens,
         )
     except ValueError as e:
         field, sep, rest = str(e).partition(":")
@@ -397,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=64,
                    help="tokens per prompt for sink/ablation/importance (Gu et al.: 64; at least 4, below which every head is a sink)")
     p.add_argument("--ablation", default="zero", choices=["zero", "uniform"], help="zero (output) or uniform (zeroed query, Wu et al.)")
-    p.add_argument("--niah-lengths", default="1024", help="haystack lengths in tokens, comma-separated")
+    p.add_argument("--niah-lengths", default=None, help="haystack lengths in tokens, comma-separated (default 1024, or --max-tokens)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="long context: the sink analysis reads N-token windows of offline prose (4 unless --prompts) and "
+                        "NIAH haystacks default to N tokens; both run on the streamed-statistics kernel (no T x T pattern)")
     p.add_argument("--niah-depths", default="0,0.5,1", help="needle depths in [0, 1], comma-separated")
     p.add_argument("--niah-per-cell", type=int, default=1, help="samples per (length, depth)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

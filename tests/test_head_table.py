@@ -145,3 +145,37 @@ def test_cli_shards_merge_and_retrieval_on_smollm2(smollm, tmp_path, capsys):
     # A second run finds everything done.
     assert main(["heads", *common, "--out", str(tmp_path / "one.csv")]) == 0
     assert "sink 0, retrieval 0" in capsys.readouterr().out
+
+
+def test_long_context_sink_prompts_are_windows_of_offline_prose(model, tmp_path):
+    """--max-tokens: the sink analysis reads N-token windows of the pydoc corpus, on the kernel path,
+    and gives sinks' own numbers on those tokens (the eager pattern path as the oracle)."""
+    settings = T.HeadJobSettings(analyses=("sink",), n_prompts=2, length=12, max_tokens=40)
+    T.run_head_job(model, tmp_path, settings, progress=False)
+    table = T.merge_head_parts([tmp_path])
+    tokens = T.long_sink_tokens(model, 40, 2)
+    assert tokens.shape == (2, 40)
+    alpha = sinks.attention_alpha(model, tokens, backend="eager")
+    torch.testing.assert_close(torch.tensor(table.sink_score.to_numpy()), alpha[..., 0].mean(0).flatten(), atol=1e-5, rtol=0)
+    assert json.loads(table.settings[0])["max_tokens"] == 40
+    with pytest.raises(ValueError, match="max_tokens: 2 is too short"):
+        T.HeadJobSettings(analyses=("sink",), max_tokens=2)
+
+
+def test_cli_max_tokens_sets_the_niah_length_and_is_checked(tmp_path, capsys):
+    from interp.cli import build_parser, _head_settings
+
+    args = build_parser().parse_args(["heads", "m", "--out", "t.csv", "--analyses", "sink,retrieval", "--max-tokens", "4096"])
+    settings = _head_settings(args)
+    assert settings.max_tokens == 4096 and settings.niah_lengths == (4096,)
+    args = build_parser().parse_args(["heads", "m", "--out", "t.csv", "--max-tokens", "4096", "--niah-lengths", "1024,2048"])
+    assert _head_settings(args).niah_lengths == (1024, 2048)
+    assert main(["heads", "m", "--out", str(tmp_path / "t.csv"), "--max-tokens", "2"]) == 2
+    assert "--max-tokens: 2 is too short" in capsys.readouterr().err
+
+
+def test_long_context_windows_are_consecutive_prose_under_a_real_tokenizer(smollm):
+    tokens = T.long_sink_tokens(smollm, 512, 3)
+    assert tokens.shape == (3, 512) and len({tuple(t.tolist()) for t in tokens}) == 3
+    text = smollm.tokenizer.decode(tokens[0])
+    assert text.count(" the ") > 5  # English prose (pydoc topics), not filler

@@ -74,6 +74,7 @@ class HeadJobSettings:
     niah_per_cell: int = 1
     niah_seed: int = 0
     max_new_tokens: int = 8
+    max_tokens: int = 0  # > 0: the sink analysis reads windows of this many tokens of offline prose (long context)
 
     def __post_init__(self) -> None:
         """Refuse settings that would fail late or give meaningless numbers.
@@ -118,6 +119,9 @@ class HeadJobSettings:
             raise ValueError(f"niah_lengths: {list(self.niah_lengths)}; give one or more haystack lengths in tokens, each >= 1")
         if not self.niah_depths or not all(0.0 <= d <= 1.0 for d in self.niah_depths):
             raise ValueError(f"niah_depths: {list(self.niah_depths)}; give one or more needle depths in [0, 1]")
+        if self.max_tokens and self.max_tokens < min_length:
+            raise ValueError(f"max_tokens: {self.max_tokens} is too short for the sink analysis; use {min_length} or more, "
+                             "or 0 for the bundled prompts at `length` tokens")
         for name in ("niah_per_cell", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)}; use 1 or more")
@@ -157,6 +161,27 @@ def _text_prompts(settings: HeadJobSettings) -> list[str]:
     return texts[: settings.n_prompts] if settings.n_prompts else texts
 
 
+LONG_PROMPTS = 4  # long-context sink prompts when n_prompts is 0
+
+
+def long_sink_tokens(model: HookedModel, max_tokens: int, n_prompts: int) -> Tensor:
+    """Long[Tensor, "prompt max_tokens"]: consecutive windows of the offline prose corpus (the Python
+    standard library's pydoc topics, then the bundled prompts), for sink scores at long context.
+    Each window opens with the tokenizer's BOS when it adds one, as `sink_tokens` prompts do."""
+    from ..vocab.lens_text import lens_documents, token_chunks
+
+    tok = model.require_tokenizer()
+    bos = tok.encode("x", add_special_tokens=True)[:-len(tok.encode("x", add_special_tokens=False))] or []
+    n = n_prompts or LONG_PROMPTS
+    chunks = token_chunks(tok, list(lens_documents().values()), max_tokens - len(bos), max_chunks=n)
+    if len(chunks) < n:
+        raise ValueError(f"max_tokens: the offline corpus holds only {len(chunks)} windows of {max_tokens} tokens; "
+                         f"ask for fewer prompts (--prompts {len(chunks)}) or fewer tokens")
+    if bos:
+        chunks = torch.cat([torch.tensor(bos).expand(len(chunks), -1), chunks], dim=1)
+    return chunks.to(model.device)
+
+
 def _work(model: HookedModel, settings: HeadJobSettings, analysis: str) -> Work:
     if analysis == "retrieval":
         samples = make_samples(model.tokenizer, settings.niah_lengths, settings.niah_depths, settings.niah_per_cell,
@@ -169,6 +194,8 @@ def _work(model: HookedModel, settings: HeadJobSettings, analysis: str) -> Work:
         return Work(len(samples), retrieval_)
 
     tokens = sinks.sink_tokens(model, _text_prompts(settings), settings.length)
+    if analysis == "sink" and settings.max_tokens:
+        tokens = long_sink_tokens(model, settings.max_tokens, settings.n_prompts)
 
     def sink(i: int) -> dict[str, Tensor]:
         # sinks.sink_scores on this prompt alone: its sink_score is alpha at the first token, and its
