@@ -163,7 +163,7 @@ def test_long_context_sink_prompts_are_windows_of_offline_prose(model, tmp_path)
 
 
 def test_cli_max_tokens_sets_the_niah_length_and_is_checked(tmp_path, capsys):
-    from interp.cli import build_parser, _head_settings
+    from interp.cli import _head_settings, build_parser
 
     args = build_parser().parse_args(["heads", "m", "--out", "t.csv", "--analyses", "sink,retrieval", "--max-tokens", "4096"])
     settings = _head_settings(args)
