@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = ["01_quickstart", "02_activation_patching_ioi", "03_circuit_discovery_ioi", "04_attention_sinks",
-            "05_retrieval_heads", "06_head_importance_table", "07_vocabulary_projections", "09_position_bias"]
+            "05_retrieval_heads", "06_head_importance_table", "07_vocabulary_projections", "08_function_vectors", "09_position_bias"]
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
