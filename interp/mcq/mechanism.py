@@ -143,11 +143,12 @@ def letter_dla(model: HookedModel, acts: LastActs, favoured: int, letters: Seque
     One row per part: component (embed, head, attn_bias, mlp, unembed_bias), layer, head (nullable),
     label (L3H2, 3_mlp_out), dla_{L} per letter and bias (dla of the favoured letter minus the mean of the
     others), all means over the prompts. The rows sum to the model's letter logits (attrs: model_logits,
-    model_bias) up to float error. Families with post-sublayer norms (Gemma 2/3) are refused.
+    model_bias) up to float error. Gemma 2/3's post-attention norm is applied with its scale frozen on
+    the whole attention output, as in `interp.vocab.direct_logit_attribution` (the MLP rows read
+    `hook_mlp_out`, which is already past the post-MLP norm). Gemma 2's final logit soft-capping is
+    not linear: there the rows sum to the letter logits before the cap.
     """
     n, H = model.cfg.n_layers, model.cfg.n_heads
-    if any(x is not None for l in range(n) for x in post_norms(model, l)):
-        raise NotImplementedError("letter_dla does not handle post-sublayer norms (Gemma 2/3); use interp.vocab.direct_logit_attribution")
     norm = final_norm(model)
     rows_u, b_u = _letter_rows(model, acts.letter_ids)
     final = acts.resid_pre[:, n].double()  # [prompt, d_model]
@@ -157,11 +158,18 @@ def letter_dla(model: HookedModel, acts: LastActs, favoured: int, letters: Seque
     parts.append(("embed", None, None, "embed", torch.einsum("bm,blm->bl", acts.embed.double(), d)))
     for l in range(n):
         w_o = model.W_O(l).detach().to("cpu", torch.float64)  # [head, d_head, d_model]
-        vals = torch.einsum("bhe,hem,blm->bhl", acts.z[:, l].double(), w_o, d)  # [prompt, head, letter]
-        parts += [("head", l, h, f"L{l}H{h}", vals[:, h]) for h in range(H)]
+        z = acts.z[:, l].double()
         b_o = model.b_O(l)
+        b_o = None if b_o is None else b_o.detach().to("cpu", torch.float64)
+        d_attn = d
+        post, _ = post_norms(model, l)
+        if post is not None:  # Gemma 2/3: the attention output goes through a norm before the residual
+            raw = torch.einsum("bhe,hem->bm", z, w_o) + (0 if b_o is None else b_o)
+            d_attn = post.pull_back(d, post.scale(raw)[:, None])
+        vals = torch.einsum("bhe,hem,blm->bhl", z, w_o, d_attn)  # [prompt, head, letter]
+        parts += [("head", l, h, f"L{l}H{h}", vals[:, h]) for h in range(H)]
         if b_o is not None:
-            parts.append(("attn_bias", l, None, f"{l}_attn_bias", torch.einsum("m,blm->bl", b_o.detach().to("cpu", torch.float64), d)))
+            parts.append(("attn_bias", l, None, f"{l}_attn_bias", torch.einsum("m,blm->bl", b_o, d_attn)))
         parts.append(("mlp", l, None, f"{l}_mlp_out", torch.einsum("bm,blm->bl", acts.mlp_out[:, l].double(), d)))
     if norm.bias is not None:
         nb = norm.bias.detach().to("cpu", torch.float64)

@@ -154,3 +154,16 @@ def test_ablation_hooks(run):
         mean_ablation_hooks(model, acts, [(5, 0)])
     with pytest.raises(ValueError, match="how"):
         mean_ablation_hooks(model, acts, [(0, 0)], how="resample")
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])  # gemma2 soft-caps its logits: DLA is defined before the cap
+def test_dla_sums_to_the_letter_logits_with_post_norms(family):
+    """Gemma 2/3 norm each sublayer's output before the residual: the parts still sum to the model's letter logits."""
+    from conftest import make_tiny
+
+    model = make_tiny(family)
+    ps = build_prompts(questions(4), FMT)
+    ids = letter_ids(model.tokenizer, FMT)
+    dla = letter_dla(model, collect_last(model, ps, ids), favoured=0)
+    sums = dla[[f"dla_{L}" for L in "ABCD"]].sum().to_numpy()
+    assert sums == pytest.approx(dla.attrs["model_logits"], abs=1e-4)
