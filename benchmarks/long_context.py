@@ -73,7 +73,7 @@ def load_model(layers: int):
     return model
 
 
-def child(case: str, T: int, layers: int) -> dict:
+def child(case: str, T: int, layers: int, calls: int = 1) -> dict:
     import torch
 
     from interp.heads import sinks
@@ -93,28 +93,33 @@ def child(case: str, T: int, layers: int) -> dict:
     except OSError:
         pass
     extra: dict = {}
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        if case == "sdpa":
-            model.hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        elif case in ("eager", "kernel"):
-            alpha, ent = sinks.sink_and_entropy(model, ids, backend=case)
-            extra["sink_rate"] = sinks.sink_rate(alpha)
-            extra["mean_entropy"] = float(ent.mean())
-        elif case == "niah":
-            from interp.heads.retrieval import score_retrieval
+    times = []
+    for _ in range(calls if case != "niah" else 1):  # call 1 is cold (first touch of every buffer); later calls warm
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if case == "sdpa":
+                model.hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            elif case in ("eager", "kernel"):
+                alpha, ent = sinks.sink_and_entropy(model, ids, backend=case)
+                extra["sink_rate"] = sinks.sink_rate(alpha)
+                extra["mean_entropy"] = float(ent.mean())
+                del alpha, ent
+            elif case == "niah":
+                from interp.heads.retrieval import score_retrieval
 
-            res = score_retrieval(model, samples, max_new_tokens=8, batch_size=1)
-            extra["accuracy"] = float(res.samples.correct.mean())
-            extra["responses"] = res.samples.response.tolist()
-            extra["heads_above_0.1"] = int((res.scores.retrieval_score > 0.1).sum())
-    seconds = time.perf_counter() - t0
-    return dict(case=case, T=T, layers=model.cfg.n_layers, seconds=seconds, base_kib=base, hwm_kib=_status_kib("VmHWM"),
+                res = score_retrieval(model, samples, max_new_tokens=8, batch_size=1)
+                extra["accuracy"] = float(res.samples.correct.mean())
+                extra["responses"] = res.samples.response.tolist()
+                extra["heads_above_0.1"] = int((res.scores.retrieval_score > 0.1).sum())
+        times.append(time.perf_counter() - t0)
+        gc.collect()
+    seconds = times[-1]
+    return dict(case=case, T=T, layers=model.cfg.n_layers, seconds=seconds, times=times, base_kib=base, hwm_kib=_status_kib("VmHWM"),
                 ru_maxrss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **extra)
 
 
-def run_case(case: str, T: int, layers: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--T", str(T), "--layers", str(layers)]
+def run_case(case: str, T: int, layers: int, timeout: float, calls: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--T", str(T), "--layers", str(layers), "--calls", str(calls)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -132,9 +137,9 @@ def llama3_8b_on_paper(T: int) -> dict:
     eager = EAGER_COPIES * h * T * T * 2  # bf16 scores / pattern / softmax temporaries
     rows = max(MIN_ROWS, min(SLAB_ELEMENTS // (h * T), T, 1024))
     slab = h * rows * T * 4  # fp32 scores of one query block, softmax in place
-    kv_fp32 = 2 * hk * T * d * 4  # K and V cast to the fp32 accumulation dtype (+ K again for the entropy)
+    kv_fp32 = 2 * hk * T * d * 4  # K and V cast to the fp32 accumulation dtype
     stats = (h * T * 4) * 3  # col_sum, entropy, lse-sized vectors
-    return dict(eager_gb=eager / 1e9, kernel_gb=(2 * slab + kv_fp32 * 1.5 + stats) / 1e9, rows=rows)
+    return dict(eager_gb=eager / 1e9, kernel_gb=(2 * slab + kv_fp32 + stats) / 1e9, rows=rows)
 
 
 def gib(kib: float) -> float:
@@ -142,16 +147,22 @@ def gib(kib: float) -> float:
 
 
 def fmt_row(r: dict, sdpa: dict | None) -> str:
+    """One table row: memory, the cold (first) and warm (last) call's seconds and their ratios to (a)'s."""
     if "skipped" in r:
-        return f"| {r['T']} | {r['case']} | - | - | - | - | {r['skipped']} |"
+        return f"| {r['T']} | {r['case']} | - | - | - | - | - | - | {r['skipped']} |"
     above = gib(r["hwm_kib"] - r["base_kib"])
-    ratio_t = f"{r['seconds'] / sdpa['seconds']:.2f}" if sdpa and "seconds" in sdpa and r is not sdpa else "1"
+    cold, warm = r["times"][0], r["times"][-1]
+    ok = sdpa is not None and "times" in sdpa and r is not sdpa
+    ratio_cold = f"{cold / sdpa['times'][0]:.2f}" if ok else ("1" if r is sdpa else "-")
+    ratio_warm = f"{warm / sdpa['times'][-1]:.2f}" if ok and len(r["times"]) > 1 else ("1" if r is sdpa and len(r["times"]) > 1 else "-")
+    warm_s = f"{warm:.1f}" if len(r["times"]) > 1 else "-"
     note = ""
     if "sink_rate" in r:
         note = f"Sink_1^0.3 {r['sink_rate']:.1f}%, mean entropy {r['mean_entropy']:.3f} nats"
     if "accuracy" in r:
         note = f"accuracy {r['accuracy']:.2f} ({r['responses']}), heads > 0.1: {r['heads_above_0.1']}"
-    return (f"| {r['T']} | {r['case']} | {gib(r['ru_maxrss_kib']):.2f} | {above:.2f} | {r['seconds']:.1f} | {ratio_t} | {note} |")
+    return (f"| {r['T']} | {r['case']} | {gib(r['ru_maxrss_kib']):.2f} | {above:.2f} | {cold:.1f} | {ratio_cold} | "
+            f"{warm_s} | {ratio_warm} | {note} |")
 
 
 def main() -> None:
@@ -161,27 +172,31 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--eager-budget-gb", type=float, default=12.0)
     p.add_argument("--case-timeout", type=float, default=900.0)
+    p.add_argument("--calls", type=int, default=2, help="calls per case in its subprocess: the first is cold, the last warm")
+    p.add_argument("--warm-max-length", type=int, default=16384,
+                   help="longer cases (and the eager path) are called once: cold only, to fit the time of a CPU run")
     p.add_argument("--child", choices=("sdpa", "eager", "kernel", "niah"))
     p.add_argument("--T", type=int)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.T, args.layers)))
+        print(json.dumps(child(args.child, args.T, args.layers, args.calls)))
         return
 
     start, load0 = time.time(), os.getloadavg()[0]
-    lines = ["| T | case | ru_maxrss GiB | peak above loaded model GiB | seconds | time / (a) | note |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+    lines = ["| T | case | ru_maxrss GiB | peak above loaded model GiB | cold s | cold / (a) | warm s | warm / (a) | note |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     summary = []
     for T in args.lengths:
-        res = {"sdpa": run_case("sdpa", T, args.layers, args.case_timeout)}
+        calls = args.calls if T <= args.warm_max_length else 1
+        res = {"sdpa": run_case("sdpa", T, args.layers, args.case_timeout, calls)}
         est = eager_estimate_gb(T)
         if est > args.eager_budget_gb:
             res["eager"] = dict(case="eager", T=T, skipped=f"skipped: estimated {est:.1f} GB ({EAGER_COPIES} x [1, 9, T, T] fp32) "
                                                             f"> budget {args.eager_budget_gb:.0f} GB")
         else:
-            res["eager"] = run_case("eager", T, args.layers, args.case_timeout)
-        res["kernel"] = run_case("kernel", T, args.layers, args.case_timeout)
+            res["eager"] = run_case("eager", T, args.layers, args.case_timeout, 1)
+        res["kernel"] = run_case("kernel", T, args.layers, args.case_timeout, calls)
         for r in res.values():
             lines.append(fmt_row(r, res["sdpa"]))
             print(lines[-1], flush=True)
@@ -189,12 +204,13 @@ def main() -> None:
         if "skipped" not in a and "skipped" not in c:
             summary.append(f"- {T}: (c)/(a) peak ru_maxrss {c['ru_maxrss_kib'] / a['ru_maxrss_kib']:.2f}x, peak above the loaded "
                            f"model {(c['hwm_kib'] - c['base_kib']) / max(1, a['hwm_kib'] - a['base_kib']):.2f}x, "
-                           f"time {c['seconds'] / a['seconds']:.2f}x")
+                           f"time {c['times'][0] / a['times'][0]:.2f}x cold"
+                           + (f", {c['times'][-1] / a['times'][-1]:.2f}x warm" if calls > 1 else ""))
             print(summary[-1], flush=True)
     niah = []
     for T in args.niah:
         r = run_case("niah", T, args.layers, args.case_timeout)
-        niah.append(fmt_row(r, None).replace("| 1 |", "| - |"))
+        niah.append(fmt_row(r, None))
         print(niah[-1], flush=True)
     paper = ["| T | eager: 3 bf16 copies of [32, T, T], GB | kernel: slab + fp32 K/V + stats, GB | query rows per block |",
              "|---:|---:|---:|---:|"]
@@ -212,7 +228,9 @@ def main() -> None:
 
 - CPU, {os.cpu_count()} cores shared with other jobs (load average 1 min, start / end: {load0:.1f} / {load1:.1f}); torch
   {torch.__version__}, {torch.get_num_threads()} threads; SmolLM2-135M float32; {args.layers} of its 30 decoder layers for the
-  sink / entropy cases (see --layers in the script); each case in a fresh subprocess; total {time.time() - start:.0f} s
+  sink / entropy cases (see --layers in the script); each case in a fresh subprocess, called {args.calls} times there up
+  to {args.warm_max_length} tokens and once beyond (the eager path once everywhere); cold = the first call, warm = the
+  last; ratios are to (a) in the same run; total {time.time() - start:.0f} s
 - (a) sdpa = plain SDPA forward, logits_to_keep=1; (b) eager = `sink_and_entropy(backend="eager")` (pattern hooks);
   (c) kernel = `sink_and_entropy()` (interp.kernels reference backend); peak above loaded model = VmHWM (reset after
   loading) - VmRSS after loading
@@ -224,8 +242,8 @@ def main() -> None:
 NIAH retrieval scoring (kernel engine, whole model, 2 haystacks per length at depths 0.25 / 0.75; SmolLM2's
 max_position_embeddings is 8192, so 16K is past its trained range):
 
-| T | case | ru_maxrss GiB | peak above loaded model GiB | seconds | - | note |
-|---:|---|---:|---:|---:|---:|---|
+| T | case | ru_maxrss GiB | peak above loaded model GiB | seconds | - | - | - | note |
+|---:|---|---:|---:|---:|---:|---:|---:|---|
 {chr(10).join(niah)}
 
 Llama-3-8B on paper (one layer's attention at batch 1; kernel = two fp32 score slabs of the reference's

@@ -3,20 +3,27 @@
 Memory is O(batch * heads * block * k_len) -- the T x T pattern never exists. For a block of
 queries [i0, i1) the backend forms the scores against every key they may see (causal: keys
 < i1 + k_len - q_len, so the work is triangular as in FlashAttention's causal loop), and takes
-the exact softmax of that slab of rows:
+the exact softmax of that slab of rows with torch's fused softmax:
 
-    m = max_j s,  e = exp(s - m),  l = sum_j e,  lse = m + log l,  row_max = 1 / l,
-    row_entropy = log l - sum_j e (s - m) / l,  out = gate * (e V) / l,
-    col_sum[j] += sum_i e[i, j] / l_i          (a matrix-vector product, no normalised copy of e).
+    m = max_j s,  A = softmax(s),  row_max = max_j A = 1 / l,  lse = m - log(row_max),
+    row_entropy = lse - sum_j A[i, j] s[i, j]   (over the allowed keys),
+    out = gate * (A V),  col_sum[j] += sum_i A[i, j].
 
 Each score is computed once, and every statistic comes out of the same pass (Milakov &
 Gimelshein, "Online normalizer calculation for softmax", 2018, for the max-shifted sums; Dao et
-al., FlashAttention, 2022, for the blocking). Queries of the `groups` heads that share a KV head
-are stacked as rows of one matmul against that KV head, so K/V are never repeated in memory.
-`block` = query rows per block; by default as many as keep one slab of scores near
-SLAB_ELEMENTS entries (never fewer than MIN_ROWS). Without gradients the slab is updated in
-place; with them, out of place. Accumulation is fp32 (float64 for float64 inputs). Semantics:
+al., FlashAttention, 2022, for the blocking); a statistic not asked for costs nothing (the max
+pass runs only for lse / entropy / masks, the second scratch buffer only for the entropy).
+Queries of the `groups` heads that share a KV head are stacked as rows of one matmul against that
+KV head, so K/V are never repeated in memory; on long slabs that matmul is one 2-D GEMM per
+(batch row, KV head), which CPU BLAS runs faster than the batched form. `block` = query rows per
+block; by default as many as keep one slab of scores near SLAB_ELEMENTS entries (never fewer
+than MIN_ROWS). Without gradients the slabs live in scratch buffers reused by every block; with
+them, ops are out of place. Accumulation is fp32 (float64 for float64 inputs). Semantics:
 kernels/spec.py.
+
+Cost on CPU (benchmarks/long_context.py): the attention of one SmolLM2 layer at 4K tokens with
+col_sum and row_entropy takes about 1.6-2x torch's fused SDPA attention (which returns neither);
+the two GEMMs are most of it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from .spec import AttentionStats, Problem, queries_per_key
 NEG_INF = float("-inf")
 SLAB_ELEMENTS = 1 << 21  # scores per query block (all heads) when no block size is given
 MIN_ROWS = 16
+LOOP_MIN_MACS = 1 << 22  # m * k * n from which `_Slab.matmul` runs one GEMM per (batch, KV head)
 
 
 def _grouped(x: Optional[Tensor], p: Problem) -> Optional[Tensor]:
@@ -73,11 +81,8 @@ class _Slab:
         p, n, kend = self.p, i1 - i0, self.key_end(i1)
         qb = self.q[:, :, :, i0:i1].reshape(p.batch, p.n_kv_heads, p.groups * n, -1)
         kt = self.k[:, :, :kend].transpose(-1, -2)
-        if buf is None:
-            s = torch.matmul(qb, kt)
-        else:
-            s = torch.matmul(qb, kt, out=buf[: qb.shape[0] * qb.shape[1] * qb.shape[2] * kend].view(*qb.shape[:-1], kend))
-        s = s.view(p.batch, p.n_kv_heads, p.groups, n, kend)
+        out = None if buf is None else buf[: qb.shape[0] * qb.shape[1] * qb.shape[2] * kend].view(*qb.shape[:-1], kend)
+        s = self.matmul(qb, kt, out).view(p.batch, p.n_kv_heads, p.groups, n, kend)
         if p.softcap is not None:
             c = p.scale / p.softcap
             s = s.mul_(c).tanh_().mul_(p.softcap) if not self.grad else torch.tanh(s * c) * p.softcap
@@ -85,9 +90,31 @@ class _Slab:
             s = s.div_(self.temperature) if not self.grad else s / self.temperature
         if self.uniform is not None:
             s = s.masked_fill_(self.uniform, 0.0) if not self.grad else s.masked_fill(self.uniform, 0.0)
-        return self._mask(s, i0, i1, kend)
+        return self._fill(s, i0, i1, kend, NEG_INF)
 
-    def _mask(self, s: Tensor, i0: int, i1: int, kend: int) -> Tensor:
+    def zero_blocked(self, s: Tensor, i0: int, i1: int, kend: int) -> Tensor:
+        """s with every key the block's queries may not see set to 0 (s * A is then 0 there, not NaN)."""
+        return self._fill(s, i0, i1, kend, 0.0)
+
+    def matmul(self, a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """a [batch, kv, m, k] @ b [batch, kv, k, n].
+
+        Large matrices (long context) go as one 2-D GEMM per (batch row, KV head): on CPU that ran
+        1.2-1.4x the throughput of torch's batched matmul at these shapes (T = 4096, d = 64).
+        Small ones (short prompts stacked in a batch, as in ablation sweeps) and autograd stay
+        batched, where the loop's Python cost would dominate.
+        """
+        if self.grad or a.shape[-2] * a.shape[-1] * b.shape[-1] < LOOP_MIN_MACS:
+            return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+        if out is None:
+            out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=a.device)
+        for i in range(a.shape[0]):
+            for h in range(a.shape[1]):
+                torch.mm(a[i, h], b[i, h], out=out[i, h])
+        return out
+
+    def _fill(self, s: Tensor, i0: int, i1: int, kend: int, value: float) -> Tensor:
+        """Write `value` where query i0 + r may not see key j (causality and mask)."""
         p, n = self.p, i1 - i0
         blocked = None
         if p.mask is not None:
@@ -102,10 +129,10 @@ class _Slab:
                 full[:, j0:] = tri
                 blocked = full if blocked is None else (blocked | full)
             else:
-                s[..., j0:].masked_fill_(tri, NEG_INF)
+                s[..., j0:].masked_fill_(tri, value)
         if blocked is None:
             return s
-        return s.masked_fill_(blocked, NEG_INF) if not self.grad else s.masked_fill(blocked, NEG_INF)
+        return s.masked_fill_(blocked, value) if not self.grad else s.masked_fill(blocked, value)
 
 
 def reference_attention(p: Problem, block: Optional[int] = None) -> tuple[Tensor, AttentionStats]:
@@ -119,55 +146,60 @@ def reference_attention(p: Problem, block: Optional[int] = None) -> tuple[Tensor
     acc, dev = p.acc_dtype, p.q.device
     shape = (p.batch, p.n_kv_heads, p.groups)
     col = torch.zeros(*shape, p.k_len, dtype=acc, device=dev) if "col_sum" in p.stats else None
-    entropy = "row_entropy" in p.stats
-    # e @ [V | K]: the output and, for the entropy, sum_j A[i, j] k_j in one matmul
-    vk = torch.cat([slab.v, slab.k], dim=-1) if entropy and p.softcap is None else slab.v
     parts: dict[str, list[Tensor]] = {k: [] for k in ("out", "lse", "row_max", "row_argmax", "row_entropy")}
-    buf = None if grad else torch.empty(p.batch * p.n_heads * min(rows, p.q_len) * p.k_len, dtype=acc, device=dev)
+    bufs: tuple[Tensor, ...] = ()
+    if not grad:  # scratch reused by every block: the scores, and their softmax when the entropy needs both
+        size = p.batch * p.n_heads * min(rows, p.q_len) * p.k_len
+        bufs = tuple(torch.empty(size, dtype=acc, device=dev) for _ in range(1 + ("row_entropy" in p.stats)))
     for i0 in range(0, p.q_len, rows):
         i1 = min(i0 + rows, p.q_len)
-        _block(p, slab, vk, i0, i1, parts, col, buf)
+        _block(p, slab, i0, i1, parts, col, bufs)
     return _finish(p, parts, col)
 
 
-def _block(p: Problem, slab: _Slab, vk: Tensor, i0: int, i1: int, parts: dict[str, list[Tensor]], col: Optional[Tensor],
-           buf: Optional[Tensor] = None) -> None:
+def _block(p: Problem, slab: _Slab, i0: int, i1: int, parts: dict[str, list[Tensor]], col: Optional[Tensor],
+           bufs: tuple[Tensor, ...] = ()) -> None:
     """One query block: exact softmax of its score slab, then every statistic from the probabilities."""
-    acc, dev, n, kend, d = p.acc_dtype, p.q.device, i1 - i0, slab.key_end(i1), p.q.shape[-1]
+    acc, dev, n, kend = p.acc_dtype, p.q.device, i1 - i0, slab.key_end(i1)
     zero = torch.zeros((), dtype=acc, device=dev)
-    s = slab.scores(i0, i1, buf)  # [b, kv, g, n, kend]
-    top = s.amax(dim=-1)
-    has = top > NEG_INF
-    entropy_by_slab = "row_entropy" in p.stats and p.softcap is not None
-    if slab.grad or entropy_by_slab:
+    s = slab.scores(i0, i1, bufs[0] if bufs else None)  # [b, kv, g, n, kend]
+    entropy = "row_entropy" in p.stats
+    need_lse = entropy or "lse" in p.stats
+    # Without a mask every query sees at least one key (causal: key 0), so no row can be empty.
+    top = s.amax(dim=-1) if p.mask is not None or need_lse else None
+    has = None if p.mask is None else top > NEG_INF
+    if slab.grad:
         a = torch.softmax(s, dim=-1)
+    elif entropy:  # the entropy needs the scores after the softmax: write it into the second buffer
+        a = torch.ops.aten._softmax.out(s, -1, False, out=bufs[1][: s.numel()].view(s.shape))
     else:
         a = torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place: s is not needed again
-    if not bool(has.all()):  # rows with no allowed key: softmax gives NaN, the spec gives 0
+    if has is not None and not bool(has.all()):  # rows with no allowed key: softmax gives NaN, the spec gives 0
         a = a.masked_fill(~has[..., None], 0.0) if slab.grad else a.masked_fill_(~has[..., None], 0.0)
+    idx = row_max = None
     if "row_argmax" in p.stats:
-        row_max, idx = a.max(dim=-1)  # first maximum on ties
-        parts["row_argmax"].append(torch.where(has, idx, torch.full((), -1, dtype=idx.dtype, device=dev)))
-    else:
+        row_max, idx = a.max(dim=-1)  # first maximum on ties (a slower reduction than amax: only when asked)
+    elif "row_max" in p.stats or need_lse:
         row_max = a.amax(dim=-1)  # = exp(m - m) / l = 1 / l; 0 on empty rows
-    lse = torch.where(has, top - torch.log(torch.where(has, row_max, 1.0)), torch.full((), NEG_INF, dtype=acc, device=dev))
-    av = torch.matmul(a.view(p.batch, p.n_kv_heads, p.groups * n, kend), vk[:, :, :kend]).view(*a.shape[:-1], -1)
-    parts["out"].append(av[..., :d])
-    if "row_entropy" in p.stats:  # -sum_j A log A = lse - sum_j A[i, j] s[i, j]
-        if entropy_by_slab:
-            mean_s = torch.where(a > 0, a * s, zero).sum(-1)
-        else:
-            mean_s = (av[..., d:] * slab.q[:, :, :, i0:i1]).sum(-1)  # q . (sum_j A k_j) = sum_j A s (scale in q)
-            if slab.temperature is not None:
-                mean_s = mean_s / slab.temperature[..., 0]
-            if slab.uniform is not None:
-                mean_s = mean_s.masked_fill(slab.uniform[..., 0], 0.0)
-        parts["row_entropy"].append(torch.where(has, lse - mean_s, zero))
+    if need_lse:
+        lse = top - torch.log(row_max if has is None else torch.where(has, row_max, 1.0))  # log l = m - log(1 / l)
+        if has is not None:
+            lse = torch.where(has, lse, torch.full((), NEG_INF, dtype=acc, device=dev))
+        if "lse" in p.stats:
+            parts["lse"].append(lse)
+    if "row_argmax" in p.stats:
+        parts["row_argmax"].append(idx if has is None else torch.where(has, idx, torch.full((), -1, dtype=idx.dtype, device=dev)))
+    if "row_max" in p.stats:
+        parts["row_max"].append(row_max)
+    av = slab.matmul(a.view(p.batch, p.n_kv_heads, p.groups * n, kend), slab.v[:, :, :kend])
+    parts["out"].append(av.view(*a.shape[:-1], -1))
     if col is not None:
-        ones = torch.ones(n, dtype=acc, device=dev)
-        col[..., :kend] += torch.matmul(ones, a)  # sum over the block's queries, as a matrix-vector product
-    parts["lse"].append(lse)
-    parts["row_max"].append(row_max)
+        col[..., :kend] += a.sum(dim=-2)  # sum over the block's queries
+    if entropy:  # -sum_j A log A = lse - sum_j A[i, j] s[i, j], over the allowed keys (s = -inf elsewhere)
+        s0 = slab.zero_blocked(s, i0, i1, kend)
+        mean_s = (a * s0).sum(-1) if slab.grad else torch.mul(a, s0, out=s0).sum(-1)
+        ent = lse - mean_s
+        parts["row_entropy"].append(ent if has is None else torch.where(has, ent, zero))
 
 
 def _finish(p: Problem, parts: dict[str, list[Tensor]], col: Optional[Tensor]) -> tuple[Tensor, AttentionStats]:

@@ -135,6 +135,47 @@ def test_interventions_per_batch_row(dtype):
     assert torch.all(out[0, 1] == 0), "gate 0 must zero the head"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_head_gemm_path_matches_oracle(dtype, monkeypatch):
+    """Long-context slabs run one 2-D GEMM per (batch, KV head) (`_Slab.matmul`); forced here on small
+    inputs (threshold 0), with interventions, a key mask and several blocks, against the oracle."""
+    import interp.kernels.reference as reference
+
+    monkeypatch.setattr(reference, "LOOP_MIN_MACS", 0)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed + 2)
+    b, h, hk, t = 2, 6, 2, 41
+    q, k, v = make_qkv(seed, b, h, hk, t, t, 16, dtype)
+    out, st = attention(q, k, v, stats=True, backend="reference", block_size=8)
+    ref_out, ref = oracle(q, k, v)
+    check(out, st, ref_out, ref, dtype, f"seed={seed} {dtype} plain")
+    key_mask = torch.ones(b, t, dtype=torch.bool)
+    key_mask[1, -4:] = False
+    gate, temperature = torch.rand(b, h, generator=g), torch.rand(b, h, generator=g) + 0.5
+    out, st = attention(q, k, v, stats=True, backend="reference", block_size=8, key_mask=key_mask, head_gate=gate,
+                        temperature=temperature)
+    ref_out, ref = oracle(q, k, v, gate=gate, temperature=temperature, mask=key_mask[:, None, None, :])
+    check(out, st, ref_out, ref, dtype, f"seed={seed} {dtype} masked")
+
+
+@pytest.mark.parametrize("wanted", [("col_sum",), ("row_entropy",), ("lse",), ("row_max",), ("row_argmax",),
+                                    ("col_sum", "row_entropy")])
+def test_each_statistic_alone_matches_all_at_once(wanted):
+    """The block pass skips what is not asked for (the max pass, the second scratch buffer): each
+    statistic asked alone equals the same statistic computed with all of them, and the output is unchanged."""
+    seed = fresh_seed()
+    q, k, v = make_qkv(seed, 2, 4, 2, 37, 37, 16, torch.float32)
+    out_all, st_all = attention(q, k, v, stats=True, backend="reference", block_size=8)
+    out, st = attention(q, k, v, stats=wanted, backend="reference", block_size=8)
+    assert torch.equal(out, out_all), f"seed={seed}"
+    for name in STATS:
+        got = getattr(st, name)
+        if name in wanted:
+            torch.testing.assert_close(got, getattr(st_all, name), rtol=0, atol=1e-6, msg=f"{name}, seed={seed}")
+        else:
+            assert got is None, f"{name} was not asked for"
+
+
 def test_empty_rows_and_uniform_heads_by_hand():
     """Hand-worked: a uniform causal head gives row_max 1/(i+1), entropy log(i+1), argmax 0, col_sum H_T - H_k;
     a query with no allowed key gets out 0, lse -inf, argmax -1, row_max 0, entropy 0."""
