@@ -28,6 +28,7 @@ the two GEMMs are most of it.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -63,13 +64,17 @@ class _Slab:
     def __init__(self, p: Problem, grad: bool) -> None:
         self.p, self.grad = p, grad
         acc = p.acc_dtype
-        q = p.q.to(acc).reshape(p.batch, p.n_kv_heads, p.groups, p.q_len, -1)
-        self.q = q if p.softcap is not None else q * p.scale  # scale folded into q unless softcapped
+        self.q = p.q.to(acc).reshape(p.batch, p.n_kv_heads, p.groups, p.q_len, -1)  # a view for fp32 inputs
         self.k = p.k.to(acc)
         self.v = p.v.to(acc)
         self.temperature = _grouped(p.temperature, p)
         self.uniform = _grouped(p.uniform, p)
         self.offset = p.k_len - p.q_len
+        self.gate = _grouped(p.gate, p)
+        # Without gradients each block's output is written straight into [batch, q_len, head, d], the
+        # layout transformers wants back, so neither a concatenation nor a transposed copy is made.
+        self.out = None if grad else torch.empty(p.batch, p.q_len, p.n_kv_heads, p.groups, p.v.shape[-1],
+                                                 dtype=p.q.dtype, device=p.q.device)
 
     def key_end(self, i1: int) -> int:
         """Keys [0, key_end) may be seen by a query < i1."""
@@ -80,6 +85,8 @@ class _Slab:
         allocator churn, whose fragmentation grew the resident memory with slabs of rising width)."""
         p, n, kend = self.p, i1 - i0, self.key_end(i1)
         qb = self.q[:, :, :, i0:i1].reshape(p.batch, p.n_kv_heads, p.groups * n, -1)
+        if p.softcap is None:  # scale folded into the block's queries (softcap needs the raw product)
+            qb = qb * p.scale
         kt = self.k[:, :, :kend].transpose(-1, -2)
         out = None if buf is None else buf[: qb.shape[0] * qb.shape[1] * qb.shape[2] * kend].view(*qb.shape[:-1], kend)
         s = self.matmul(qb, kt, out).view(p.batch, p.n_kv_heads, p.groups, n, kend)
@@ -135,6 +142,25 @@ class _Slab:
         return s.masked_fill_(blocked, value) if not self.grad else s.masked_fill(blocked, value)
 
 
+_LOCAL = threading.local()
+SCRATCH_KEEP_BYTES = 64 << 20  # scratch up to this size is kept for the next call (per thread)
+
+
+def scratch(size: int, count: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """`count` flat buffers of at least `size` entries, reused from this thread's previous call when
+    big enough. Fresh multi-megabyte buffers on every layer made the CPU allocator's resident
+    memory creep up over a forward; reusing them keeps the kernel's peak near SDPA's."""
+    kept = getattr(_LOCAL, "buffers", {})
+    have = kept.get((dtype, device), ())
+    if len(have) >= count and all(b.numel() >= size for b in have[:count]):
+        return have[:count]
+    new = tuple(torch.empty(size, dtype=dtype, device=device) for _ in range(count))
+    if size * count * new[0].element_size() <= SCRATCH_KEEP_BYTES:
+        kept[(dtype, device)] = new
+        _LOCAL.buffers = kept
+    return new
+
+
 def reference_attention(p: Problem, block: Optional[int] = None) -> tuple[Tensor, AttentionStats]:
     """Run the problem in query blocks of `block` rows; returns out [batch, n_heads, q_len, d] in q's
     dtype and the stats asked for."""
@@ -150,11 +176,11 @@ def reference_attention(p: Problem, block: Optional[int] = None) -> tuple[Tensor
     bufs: tuple[Tensor, ...] = ()
     if not grad:  # scratch reused by every block: the scores, and their softmax when the entropy needs both
         size = p.batch * p.n_heads * min(rows, p.q_len) * p.k_len
-        bufs = tuple(torch.empty(size, dtype=acc, device=dev) for _ in range(1 + ("row_entropy" in p.stats)))
+        bufs = scratch(size, 1 + ("row_entropy" in p.stats), acc, dev)
     for i0 in range(0, p.q_len, rows):
         i1 = min(i0 + rows, p.q_len)
         _block(p, slab, i0, i1, parts, col, bufs)
-    return _finish(p, parts, col)
+    return _finish(p, slab, parts, col)
 
 
 def _block(p: Problem, slab: _Slab, i0: int, i1: int, parts: dict[str, list[Tensor]], col: Optional[Tensor],
@@ -191,8 +217,13 @@ def _block(p: Problem, slab: _Slab, i0: int, i1: int, parts: dict[str, list[Tens
         parts["row_argmax"].append(idx if has is None else torch.where(has, idx, torch.full((), -1, dtype=idx.dtype, device=dev)))
     if "row_max" in p.stats:
         parts["row_max"].append(row_max)
-    av = slab.matmul(a.view(p.batch, p.n_kv_heads, p.groups * n, kend), slab.v[:, :, :kend])
-    parts["out"].append(av.view(*a.shape[:-1], -1))
+    av = slab.matmul(a.view(p.batch, p.n_kv_heads, p.groups * n, kend), slab.v[:, :, :kend]).view(*a.shape[:-1], -1)
+    if slab.out is None:
+        parts["out"].append(av)
+    else:
+        if slab.gate is not None:
+            av.mul_(slab.gate)
+        slab.out[:, i0:i1].copy_(av.permute(0, 3, 1, 2, 4))
     if col is not None:
         col[..., :kend] += a.sum(dim=-2)  # sum over the block's queries
     if entropy:  # -sum_j A log A = lse - sum_j A[i, j] s[i, j], over the allowed keys (s = -inf elsewhere)
@@ -202,12 +233,15 @@ def _block(p: Problem, slab: _Slab, i0: int, i1: int, parts: dict[str, list[Tens
         parts["row_entropy"].append(ent if has is None else torch.where(has, ent, zero))
 
 
-def _finish(p: Problem, parts: dict[str, list[Tensor]], col: Optional[Tensor]) -> tuple[Tensor, AttentionStats]:
-    """Concatenate the query blocks, apply the gate, fill the statistics record."""
-    out = torch.cat(parts["out"], dim=3)
-    if p.gate is not None:
-        out = out * _grouped(p.gate, p)
-    out = out.reshape(p.batch, p.n_heads, p.q_len, -1).to(p.q.dtype)
+def _finish(p: Problem, slab: _Slab, parts: dict[str, list[Tensor]], col: Optional[Tensor]) -> tuple[Tensor, AttentionStats]:
+    """The output [batch, n_heads, q_len, d] (gated), and the statistics record."""
+    if slab.out is not None:  # written block by block, gate applied: [b, q, kv, g, d] seen as [b, h, q, d]
+        out = slab.out.view(p.batch, p.q_len, p.n_heads, -1).transpose(1, 2)
+    else:
+        out = torch.cat(parts["out"], dim=3)
+        if p.gate is not None:
+            out = out * slab.gate
+        out = out.reshape(p.batch, p.n_heads, p.q_len, -1).to(p.q.dtype)
     flat = (p.batch, p.n_heads, p.q_len)
     stats = AttentionStats()
     for name in ("lse", "row_max", "row_argmax", "row_entropy"):

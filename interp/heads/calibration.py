@@ -20,7 +20,7 @@ from ..hook_points import get_act_name
 from ..hooks import HookedModel, HookSpec, Input
 from ..kernels.spec import sink_alpha
 from .ablate import Head, all_heads, head_mask
-from .loss import HeadMetric, LMLoss, metric_for
+from .loss import HeadMetric, LMLoss, metric_for, require_per_set_metric
 from .sweeps import batched_sweep
 
 ACT_BETA = 0.4
@@ -119,6 +119,7 @@ def act_calibrate(
     Returns (search: per-head frame from `act_search`, summary: one row per set with columns
     set, n_heads, clean, calibrated, delta).
     """
+    require_per_set_metric(metric, "act_calibrate")
     cal_tokens, _ = model.prepare_inputs(calibration, None)
     held_tokens, _ = model.prepare_inputs(held_out, None)
     search = act_search(model, cal_tokens, metric, None, beta, threshold, batch_heads)

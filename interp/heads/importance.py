@@ -25,7 +25,7 @@ from torch import Tensor
 from ..hook_points import HookPoint
 from ..hooks import HookedModel, Input
 from .ablate import Head, ablate_heads
-from .loss import HeadMetric, LMLoss, metric_for
+from .loss import HeadMetric, LMLoss, metric_for, require_per_set_metric
 
 # Added to each layer's l2 norm before dividing, so a layer whose heads all score 0 gives 0, not NaN.
 NORM_EPS = 1e-20
@@ -41,6 +41,7 @@ def gate_gradients(
 
     The gate multiplies z in fp32, so the gradient is accumulated in fp32 whatever the model's dtype.
     """
+    require_per_set_metric(metric, "gate_gradients")
     c = model.cfg
     gates = torch.ones(tokens.shape[0], c.n_layers, c.n_heads, dtype=torch.float32, device=model.device, requires_grad=True)
 

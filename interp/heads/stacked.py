@@ -18,6 +18,12 @@ l from the clean run's residual stream (`Adapter.skip_blocks`, as `interp.resume
 patching): one clean forward records ``resid_pre`` at the swept layers, and the sweep of layer l
 runs blocks l.. only. On CUDA the kernel is the Triton one; elsewhere its PyTorch reference.
 `interp.heads.sweeps.single_head_ablation(backend="eager")` is the hook-based oracle.
+
+A metric that reads only the final position (`last_position_only = True`, as `LogitDiff`,
+`AnswerProb` and `KLToReference` of `interp.metrics` declare) is handed logits [rows, 1, d_vocab]:
+every forward, the clean one included, unembeds only the last position (HF's `logits_to_keep`:
+1, or each prompt's last real token in a right-padded batch, `interp.metrics.keep_last`), which
+saves the full-vocabulary unembedding of every other position.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from torch import Tensor
 
 from ..hook_points import HookPoint, get_act_name
 from ..hooks import HookedModel, HookSpec
+from ..metrics import keep_last, last_real_tokens
 from .ablate import AblationKind, Head
-from .loss import HeadMetric, metric_for
+from .loss import HeadMetric, sweep_metric
 
 if TYPE_CHECKING:
     from ..kernels.hf import KernelControls
@@ -39,14 +46,39 @@ if TYPE_CHECKING:
 LOGITS_BUDGET = 1 << 30
 
 
+# HF's logits_to_keep: 0 (every position), an int n (the last n), or Long[Tensor, "rows 1"] (one position per row).
+LogitsToKeep = Union[int, Tensor]
+
+
+def reads_last_position(metric: object) -> bool:
+    """Whether a bound metric reads only the final position (`last_position_only`, `interp.metrics.Metric`)."""
+    return bool(getattr(metric, "last_position_only", False))
+
+
+def logits_to_keep_for(last_only: bool, last: Optional[Tensor], copies: int = 1) -> LogitsToKeep:
+    """HF's logits_to_keep for `copies` stacked copies of the prompts (copy-major rows).
+
+    0 (all positions) unless the metric reads only the last position; then 1 for an unpadded
+    batch (`last` None), else each row's last real token (`interp.metrics.keep_last`).
+    """
+    if not last_only:
+        return 0
+    return 1 if last is None else keep_last(last, 0, copies)
+
+
 @torch.no_grad()
 def clean_resid(
-    model: HookedModel, tokens: Tensor, layers: Sequence[int], attention_mask: Optional[Tensor] = None
+    model: HookedModel,
+    tokens: Tensor,
+    layers: Sequence[int],
+    attention_mask: Optional[Tensor] = None,
+    logits_to_keep: LogitsToKeep = 0,
 ) -> tuple[Tensor, dict[int, Tensor]]:
-    """One clean forward: its logits Float[Tensor, "batch pos d_vocab"] and the residual stream entering
-    each of `layers`, {layer: Float[Tensor, "batch pos d_model"]}."""
+    """One clean forward: its logits Float[Tensor, "batch kept d_vocab"] (kept = pos unless
+    `logits_to_keep`, HF's, selects fewer) and the residual stream entering each of `layers`,
+    {layer: Float[Tensor, "batch pos d_model"]}."""
     names = [get_act_name("resid_pre", l) for l in layers]
-    logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
+    logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
     return logits, {l: cache[n] for l, n in zip(layers, names)}
 
 
@@ -59,9 +91,13 @@ def chunk_heads(heads: Sequence[int], per_forward: int) -> list[list[int]]:
     return [list(heads[i : i + size]) for i in range(0, len(heads), size)]
 
 
-def default_per_forward(model: HookedModel, tokens: Tensor) -> int:
-    """Ablations per forward when none is given: every head of a layer, unless the logits would pass LOGITS_BUDGET."""
-    one = tokens.numel() * model.cfg.d_vocab * torch.finfo(model.dtype).bits // 8
+def default_per_forward(model: HookedModel, tokens: Tensor, kept: Optional[int] = None) -> int:
+    """Ablations per forward when none is given: every head of a layer, unless the logits would pass LOGITS_BUDGET.
+
+    kept: positions unembedded per prompt (None: all of them; 1 for a last-position metric).
+    """
+    positions = tokens.shape[1] if kept is None else kept
+    one = tokens.shape[0] * positions * model.cfg.d_vocab * torch.finfo(model.dtype).bits // 8
     return max(1, min(model.cfg.n_heads, LOGITS_BUDGET // max(1, one)))
 
 
@@ -123,17 +159,20 @@ def forward_from_layer(
     controls: "KernelControls",
     fwd_hooks: HookSpec = (),
     attention_mask: Optional[Tensor] = None,
+    logits_to_keep: LogitsToKeep = 0,
 ) -> Tensor:
-    """Logits Float[Tensor, "copies*batch pos d_vocab"] of `copies` stacked copies, from block `layer` on.
+    """Logits Float[Tensor, "copies*batch kept d_vocab"] of `copies` stacked copies, from block `layer` on.
 
     resid: Float[Tensor, "batch pos d_model"], the clean residual stream entering `layer`;
-    controls: the kernel controls of `layer`, their rows [copies*batch, n_heads].
+    controls: the kernel controls of `layer`, their rows [copies*batch, n_heads]. logits_to_keep:
+    HF's (0: every position, kept = pos; 1: the last; Long[Tensor, "copies*batch 1"]: one
+    position per row, `logits_to_keep_for`).
     """
     check_no_pattern_hooks(model, layer)
     big_mask = attention_mask.repeat(copies, 1) if attention_mask is not None else None
     with model.adapter.skip_blocks(layer, resid.repeat(copies, 1, 1)), model.kernel_controls({layer: controls}), \
             model.hooks(fwd_hooks=fwd_hooks):
-        return model(tokens.repeat(copies, 1), attention_mask=big_mask)
+        return model(tokens.repeat(copies, 1), attention_mask=big_mask, logits_to_keep=logits_to_keep)
 
 
 def stacked_head_ablation(
@@ -152,22 +191,26 @@ def stacked_head_ablation(
     (layer, head) pairs; repl: {layer: replacement z [1 or batch, 1 or pos, head, d_head]} for mean
     and resample (`interp.heads.ablate.replacements`). batch_heads: ablations per forward (None:
     every head of a layer, within LOGITS_BUDGET). The metric is read per copy with the tokens
-    bound (`metric_for(metric, tokens)`), as `interp.heads.sweeps.batched_sweep` does.
+    bound (`interp.heads.loss.sweep_metric`: the padding mask reaches token metrics), as
+    `interp.heads.sweeps.batched_sweep` does. A metric with `last_position_only` gets logits [batch, 1, d_vocab] from every forward: the last
+    position, or in a right-padded batch each prompt's last real token.
     Returns (clean metric, [((layer, head), metric)]) in the order of `heads`.
     """
     kind = AblationKind.parse(how)
     repl = repl or {}
     if kind.needs_reference_activations and any(l not in repl for l, _ in heads):
         raise ValueError(f'how="{kind.value}" needs a replacement z for every swept layer (interp.heads.ablate.replacements)')
-    measure = metric_for(metric, tokens)
+    measure = sweep_metric(metric, tokens, attention_mask, "stacked_head_ablation")
+    last_only = reads_last_position(measure)
+    last = last_real_tokens(attention_mask) if last_only else None  # None: unpadded (or not a last-position metric)
     B = tokens.shape[0]
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, []).append(h)
-    logits, resid = clean_resid(model, tokens, sorted(by_layer), attention_mask)
+    logits, resid = clean_resid(model, tokens, sorted(by_layer), attention_mask, logits_to_keep_for(last_only, last))
     clean = float(measure(logits))
     del logits
-    per_forward = batch_heads if batch_heads is not None else default_per_forward(model, tokens)
+    per_forward = batch_heads if batch_heads is not None else default_per_forward(model, tokens, 1 if last_only else None)
     found: dict[Head, float] = {}
     for layer, layer_heads in by_layer.items():
         for chunk in chunk_heads(layer_heads, per_forward):
@@ -176,7 +219,7 @@ def stacked_head_ablation(
             if kind.needs_reference_activations:
                 hooks = [(get_act_name("z", layer), z_adder(sel, tiled_replacement(repl[layer], B, len(chunk))))]
             out = forward_from_layer(model, layer, resid[layer], tokens, len(chunk), kernel_controls_for(kind, sel),
-                                     hooks, attention_mask)
+                                     hooks, attention_mask, logits_to_keep_for(last_only, last, len(chunk)))
             for j, h in enumerate(chunk):
                 found[(layer, h)] = float(measure(out[j * B : (j + 1) * B]))
             del out

@@ -6,6 +6,11 @@ with only its head set, so `batch_heads` interventions share one full forward (h
 per-row kernel head gates, each forward starting at the ablated layer from a clean run's residual
 stream (`interp.heads.stacked`); `backend="eager"` runs them through `batched_sweep`'s hooks (the
 oracle of the tests). `interp.heads.calibration.act_search` sweeps ACT.
+
+`metric` is any `interp.heads.loss.HeadMetric`: `LMLoss`, a `Metric` of logits alone such as
+`interp.metrics.LogitDiff(answer_tokens)`, or `metric(logits, tokens[, attention_mask])`. A metric
+with `last_position_only = True` reads each prompt at its last real token in a right-padded batch
+(logits [batch, 1, d_vocab]); the stacked backend also unembeds only that position.
 """
 
 from __future__ import annotations
@@ -17,12 +22,23 @@ import torch
 from torch import Tensor
 
 from ..hooks import HookedModel, HookSpec, Input
+from ..metrics import last_real_tokens
 from .ablate import AblationKind, Head, ablation_hooks, all_heads, replacements
-from .loss import HeadMetric, metric_for
-from .stacked import stacked_head_ablation
+from .loss import HeadMetric, metric_form, sweep_metric
+from .stacked import reads_last_position, stacked_head_ablation
 
 SWEEP_BACKENDS = ("stacked", "eager")
 EAGER_BATCH_HEADS = 8
+
+
+def at_last_real_tokens(logits: Tensor, last: Tensor) -> Tensor:
+    """Each row's logits at its prompt's last real token: Float[Tensor, "copies*prompt 1 d_vocab"].
+
+    logits: Float[Tensor, "copies*prompt pos d_vocab"] of stacked copies (copy-major rows);
+    last: Long[Tensor, "prompt"] (`interp.metrics.last_real_tokens`).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last.to(logits.device).repeat(logits.shape[0] // last.shape[0])][:, None]
 
 
 def batched_sweep(
@@ -38,15 +54,24 @@ def batched_sweep(
     copy j gets a head mask with only head j set. hooks_for(mask [k*B, L, H], k) builds the hooks.
 
     tokens: Long[Tensor, "batch pos"], already checked (`model.prepare_inputs`). The metric is
-    read on each copy's logits with the tokens bound (`metric_for(metric, tokens)`; the mask is
-    passed to the forward, not to the metric). Returns the clean metric and [(head, metric)].
+    read on each copy's logits with the tokens bound (`interp.heads.loss.sweep_metric`: with padding, the mask reaches
+    `LMLoss` and token metrics, and a logits-only metric must be last-position; the mask also
+    goes to the forward). In a right-padded batch a metric with
+    `last_position_only` is handed each prompt's logits at its last real token [batch, 1, d_vocab],
+    gathered from the full logits; otherwise (and always when nothing is padded) the full logits.
+    Returns the clean metric and [(head, metric)].
     """
     if batch_heads < 1:
         raise ValueError(f"batch_heads must be >= 1, got {batch_heads}")
-    measure = metric_for(metric, tokens)
+    measure = sweep_metric(metric, tokens, attention_mask, "batched_sweep")
+    last = last_real_tokens(attention_mask) if reads_last_position(measure) else None
+
+    def read(logits: Tensor) -> float:
+        return float(measure(logits if last is None else at_last_real_tokens(logits, last)))
+
     B = tokens.shape[0]
     with torch.no_grad():
-        clean = float(measure(model(tokens, attention_mask=attention_mask)))
+        clean = read(model(tokens, attention_mask=attention_mask))
     out = []
     for start in range(0, len(heads), batch_heads):
         chunk = heads[start : start + batch_heads]
@@ -57,7 +82,7 @@ def batched_sweep(
         big_mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
         with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(mask, k)):
             logits = model(tokens.repeat(k, 1), attention_mask=big_mask)
-        out += [((l, h), float(measure(logits[j * B : (j + 1) * B]))) for j, (l, h) in enumerate(chunk)]
+        out += [((l, h), read(logits[j * B : (j + 1) * B])) for j, (l, h) in enumerate(chunk)]
     return clean, out
 
 
@@ -76,7 +101,11 @@ def single_head_ablation(
 ) -> pd.DataFrame:
     """Ablate each head alone and measure `metric` on the logits (a scalar over the prompt batch).
 
-    metric: `LMLoss` (or any class that binds tokens), or `metric(logits, tokens)` such as `lm_loss`.
+    metric: `LMLoss` (or any class that binds tokens), a `Metric` of logits alone such as
+    `interp.metrics.LogitDiff(answer_tokens)` (built for these prompts), or `metric(logits, tokens)`
+    such as `lm_loss` (`interp.heads.loss.metric_for`). A metric with `last_position_only = True`
+    reads each prompt at its last real token in a right-padded `attention_mask`, and the stacked
+    backend unembeds only that position.
     backend: "stacked" (default) runs the ablations of a layer as per-row kernel head gates
     [copies*batch, head], from that layer on, from one clean run's residual stream
     (`interp.heads.stacked`); "eager" runs full forwards with hooks (`batched_sweep`). Both give
@@ -87,6 +116,7 @@ def single_head_ablation(
     """
     if backend not in SWEEP_BACKENDS:
         raise ValueError(f"backend must be one of {SWEEP_BACKENDS}, got {backend!r}")
+    metric_form(metric)  # a metric of no known form is refused before any forward
     kind = AblationKind.parse(how)
     tokens, attention_mask = model.prepare_inputs(tokens, attention_mask)
     heads = all_heads(model, heads)

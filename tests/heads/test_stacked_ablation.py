@@ -10,6 +10,7 @@ from interp.heads import stacked
 from interp.heads.ablate import AblationKind
 from interp.heads.loss import LMLoss, lm_loss
 from interp.heads.sweeps import single_head_ablation
+from interp.metrics import LogitDiff
 
 from conftest import FAMILIES, make_tiny
 
@@ -63,6 +64,100 @@ def test_padded_batch(family, how):
     mask[1, 5:] = 0
     mask[2, 3:] = 0
     _assert_same(*_both(model, tokens, how, attention_mask=mask, reference=_tokens(8)))
+
+
+def _padded(seed: int = 3):
+    """Three prompts of 8, 5 and 3 real tokens, right-padded to 8, with (correct, wrong) answers."""
+    tokens = _tokens(seed, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return tokens, mask, _tokens(seed + 100, (3, 2))
+
+
+@pytest.mark.parametrize("how", ["zero", "mean", "uniform"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right-padded"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_last_position_metric_stacked_equals_eager(family, padded, how):
+    """LogitDiff (a logits-only Metric, last_position_only): the stacked sweep, which unembeds only
+    each prompt's last (real) token, gives the eager sweep's numbers."""
+    model = make_tiny(family)
+    if padded:
+        tokens, mask, answers = _padded()
+    else:
+        tokens, mask, answers = _tokens(4, (2, 7)), None, _tokens(104, (2, 2))
+    kw = dict(how=how, attention_mask=mask, reference=_tokens(8))
+    eager = single_head_ablation(model, tokens, LogitDiff(answers), backend="eager", **kw)
+    fast = single_head_ablation(model, tokens, LogitDiff(answers), **kw)
+    _assert_same(eager, fast)
+
+
+@pytest.mark.parametrize("how", ["zero", "mean", "uniform"])
+@pytest.mark.parametrize("backend", ["eager", "stacked"])
+def test_padded_last_position_metric_equals_each_prompt_alone(backend, how):
+    """Independent reference for the padded batch: each prompt run alone, unpadded, at its own length;
+    the batch's LogitDiff is the mean over prompts of theirs (the pads are never read)."""
+    model = make_tiny("llama")
+    tokens, mask, answers = _padded()
+    reference = _tokens(8)
+    batch = single_head_ablation(model, tokens, LogitDiff(answers), how=how, attention_mask=mask, reference=reference,
+                                 backend=backend)
+    alone = []
+    for i, n in enumerate(mask.sum(1).tolist()):
+        alone.append(single_head_ablation(model, tokens[i : i + 1, :n], LogitDiff(answers[i : i + 1]), how=how,
+                                          reference=reference, backend="eager"))
+    for col in ("metric", "delta"):
+        expected = sum(torch.tensor(df[col].to_numpy()) for df in alone) / len(alone)
+        assert float((torch.tensor(batch[col].to_numpy()) - expected).abs().max()) <= TOL
+    # the pad positions do carry other logits: reading them (the bug fixed here) would change the numbers
+    full = model(tokens, attention_mask=mask)
+    assert float((LogitDiff(answers)(full) - LogitDiff(answers)(full[torch.arange(3), mask.sum(1) - 1][:, None])).abs()) > 1e-3
+
+
+class Recording:
+    """LogitDiff that records the shape of every logits tensor it is handed."""
+
+    last_position_only = True
+
+    def __init__(self, answers):
+        self.inner = LogitDiff(answers)
+        self.shapes = []
+
+    def __call__(self, logits):
+        self.shapes.append(tuple(logits.shape))
+        return self.inner(logits)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right-padded"])
+def test_stacked_forms_only_the_last_positions_logits(padded):
+    """With a last-position metric every stacked forward (and the clean one) unembeds one position per
+    row: the unembedding's output is [rows, 1, d_vocab] and the metric gets [batch, 1, d_vocab]. With
+    LMLoss the forwards form every position's logits, and the unpadded eager sweep hands the metric the
+    full logits, as before."""
+    model = make_tiny("llama")
+    if padded:
+        tokens, mask, answers = _padded()
+    else:
+        tokens, mask, answers = _tokens(4, (2, 7)), None, _tokens(104, (2, 2))
+    B, T = tokens.shape
+    V = model.cfg.d_vocab
+    unembedded = []
+    handle = model.hf_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: unembedded.append(tuple(out.shape)))
+    try:
+        metric = Recording(answers)
+        single_head_ablation(model, tokens, metric, how="zero", attention_mask=mask, heads=[(0, 1), (1, 0), (1, 3)])
+        # one clean forward, then one forward per layer: 1 copy for layer 0, 2 for layer 1
+        assert unembedded == [(B, 1, V), (B, 1, V), (2 * B, 1, V)]
+        assert metric.shapes == [(B, 1, V)] * 4
+        unembedded.clear()
+        single_head_ablation(model, tokens, LMLoss, how="zero", attention_mask=mask, heads=[(1, 0)])
+        assert unembedded == [(B, T, V), (B, T, V)]
+        eager = Recording(answers)
+        single_head_ablation(model, tokens, eager, how="zero", attention_mask=mask, heads=[(1, 0)], backend="eager")
+        assert eager.shapes == [(B, 1, V) if padded else (B, T, V)] * 2
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("batch_heads", [1, 3, None])
@@ -142,6 +237,22 @@ def test_smollm2_stacked_equals_eager(smollm, how):
     reference = smollm.to_tokens(["Numbers: 1, 2, 3, 4, 5, 6, 7, 8", "She walked to the market and bought"])[:, :8]
     heads = [(l, h) for l in (0, 29) for h in range(smollm.cfg.n_heads)]
     _assert_same(*_both(smollm, tokens, how, heads=heads, reference=reference))
+
+
+@pytest.mark.bundled
+@pytest.mark.parametrize("how", ["zero", "mean"])
+def test_smollm2_logit_diff_on_ioi_stacked_equals_eager(smollm, how):
+    """SmolLM2 on two IOI prompts with LogitDiff: the stacked sweep unembeds the last position only."""
+    from interp.circuits.tasks.ioi import ioi_prompts
+
+    pairs = ioi_prompts(smollm, 2, seed=0)
+    reference = ioi_prompts(smollm, 2, seed=1).clean_tokens
+    heads = [(l, h) for l in (0, 29) for h in range(smollm.cfg.n_heads)]
+    eager = single_head_ablation(smollm, pairs.clean_tokens, LogitDiff(pairs.answer_tokens), how=how, heads=heads,
+                                 reference=reference, backend="eager")
+    fast = single_head_ablation(smollm, pairs.clean_tokens, LogitDiff(pairs.answer_tokens), how=how, heads=heads,
+                                reference=reference)
+    _assert_same(eager, fast, tol=5e-5)
 
 
 @pytest.mark.gpu
