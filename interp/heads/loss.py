@@ -139,20 +139,27 @@ def metric_form(metric: object) -> str:
                     f"an optional third). The metric must be {_FORMS}")
 
 
-def sweep_metric(metric: HeadMetric, tokens: Tensor, attention_mask: Optional[Tensor], where: str) -> Metric:
-    """The bound metric a sweep reads its copies with; the padding mask reaches token metrics.
+def sweep_metric(metric: HeadMetric, tokens: Tensor, attention_mask: Optional[Tensor],
+                 where: str) -> tuple[Metric, Optional[Tensor]]:
+    """The bound metric a sweep reads its copies with, and the positions it reads.
 
     With a padded batch (some 0 in `attention_mask`), `LMLoss` and metric(logits, tokens,
     attention_mask) get the mask, so pad positions stay out of the loss; a metric of logits alone
-    must read only the final position (`last_position_only`: it is then handed each prompt's last
-    real token), or it is refused as patching refuses it (`interp.metrics.require_last_position`).
+    must read only the final position (`last_position_only`), or it is refused as patching refuses
+    it (`interp.metrics.require_last_position`). Returns (metric, last): `last` is each prompt's last
+    real token, Long[Tensor, "prompt"], for a last-position metric on a padded batch (the sweeps
+    then unembed only there: `interp.metrics.keep_last`), else None.
     """
     from ..metrics import last_real_tokens, require_last_position
 
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
-    if padded and metric_form(metric) == "logits":
-        require_last_position(metric, last_real_tokens(attention_mask), where)
-    return metric_for(metric, tokens, attention_mask if padded else None)
+    measure = metric_for(metric, tokens, attention_mask if padded else None)
+    reads_last = bool(getattr(measure, "last_position_only", False))
+    logits_only = metric_form(metric) == "logits"
+    last = last_real_tokens(attention_mask) if padded and (reads_last or logits_only) else None
+    if logits_only:
+        require_last_position(metric, last, where)
+    return measure, (last if reads_last else None)
 
 
 def require_per_set_metric(metric: HeadMetric, where: str) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..hook_points import HookPoint, get_act_name
 from ..hooks import HookedModel, HookSpec
-from ..metrics import keep_last, last_real_tokens
+from ..metrics import keep_last
 from .ablate import AblationKind, Head
 from .loss import HeadMetric, sweep_metric
 
@@ -200,9 +200,8 @@ def stacked_head_ablation(
     repl = repl or {}
     if kind.needs_reference_activations and any(l not in repl for l, _ in heads):
         raise ValueError(f'how="{kind.value}" needs a replacement z for every swept layer (interp.heads.ablate.replacements)')
-    measure = sweep_metric(metric, tokens, attention_mask, "stacked_head_ablation")
+    measure, last = sweep_metric(metric, tokens, attention_mask, "stacked_head_ablation")  # last: None unless padded
     last_only = reads_last_position(measure)
-    last = last_real_tokens(attention_mask) if last_only else None  # None: unpadded (or not a last-position metric)
     B = tokens.shape[0]
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:

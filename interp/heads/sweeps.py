@@ -22,23 +22,13 @@ import torch
 from torch import Tensor
 
 from ..hooks import HookedModel, HookSpec, Input
-from ..metrics import last_real_tokens
+from ..metrics import keep_last
 from .ablate import AblationKind, Head, ablation_hooks, all_heads, replacements
 from .loss import HeadMetric, metric_form, sweep_metric
-from .stacked import reads_last_position, stacked_head_ablation
+from .stacked import stacked_head_ablation
 
 SWEEP_BACKENDS = ("stacked", "eager")
 EAGER_BATCH_HEADS = 8
-
-
-def at_last_real_tokens(logits: Tensor, last: Tensor) -> Tensor:
-    """Each row's logits at its prompt's last real token: Float[Tensor, "copies*prompt 1 d_vocab"].
-
-    logits: Float[Tensor, "copies*prompt pos d_vocab"] of stacked copies (copy-major rows);
-    last: Long[Tensor, "prompt"] (`interp.metrics.last_real_tokens`).
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, last.to(logits.device).repeat(logits.shape[0] // last.shape[0])][:, None]
 
 
 def batched_sweep(
@@ -57,21 +47,21 @@ def batched_sweep(
     read on each copy's logits with the tokens bound (`interp.heads.loss.sweep_metric`: with padding, the mask reaches
     `LMLoss` and token metrics, and a logits-only metric must be last-position; the mask also
     goes to the forward). In a right-padded batch a metric with
-    `last_position_only` is handed each prompt's logits at its last real token [batch, 1, d_vocab],
-    gathered from the full logits; otherwise (and always when nothing is padded) the full logits.
+    `last_position_only` is handed each prompt's logits at its last real token [batch, 1, d_vocab]
+    (HF's `logits_to_keep`, `interp.metrics.keep_last`, as patching does); otherwise (and always
+    when nothing is padded) the full logits.
     Returns the clean metric and [(head, metric)].
     """
     if batch_heads < 1:
         raise ValueError(f"batch_heads must be >= 1, got {batch_heads}")
-    measure = sweep_metric(metric, tokens, attention_mask, "batched_sweep")
-    last = last_real_tokens(attention_mask) if reads_last_position(measure) else None
+    measure, last = sweep_metric(metric, tokens, attention_mask, "batched_sweep")
 
-    def read(logits: Tensor) -> float:
-        return float(measure(logits if last is None else at_last_real_tokens(logits, last)))
+    def kept(copies: int) -> dict:
+        return {} if last is None else {"logits_to_keep": keep_last(last, 0, copies)}
 
     B = tokens.shape[0]
     with torch.no_grad():
-        clean = read(model(tokens, attention_mask=attention_mask))
+        clean = float(measure(model(tokens, attention_mask=attention_mask, **kept(1))))
     out = []
     for start in range(0, len(heads), batch_heads):
         chunk = heads[start : start + batch_heads]
@@ -81,8 +71,8 @@ def batched_sweep(
             mask[j * B : (j + 1) * B, l, h] = True
         big_mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
         with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(mask, k)):
-            logits = model(tokens.repeat(k, 1), attention_mask=big_mask)
-        out += [((l, h), read(logits[j * B : (j + 1) * B])) for j, (l, h) in enumerate(chunk)]
+            logits = model(tokens.repeat(k, 1), attention_mask=big_mask, **kept(k))
+        out += [((l, h), float(measure(logits[j * B : (j + 1) * B]))) for j, (l, h) in enumerate(chunk)]
     return clean, out
 
 
